@@ -1,0 +1,3 @@
+from xsbuild.cli import main
+
+main()

@@ -1,0 +1,89 @@
+"""The ``xsbuild`` command line: one click group, one error handler.
+
+Every subcommand lives in a module of this package and registers itself on :data:`cli`.  Library
+code raises :class:`xsbuild.errors.XsbuildError`; :func:`main` prints it as one line and exits
+with the class's code.  No module below ``cli/`` calls ``sys.exit``.
+
+Exit codes (also in the README):
+  0  success (``diff``/``build``: changes found)
+  1  refused: an unpatchable change, a payload Xen would reject, a hypervisor error
+  2  bad input or usage
+  3  no functional change
+  4  hypervisor busy (EBUSY/EAGAIN): retrying may succeed
+  70 internal error (a bug in xsbuild)
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+
+import click
+
+from xsbuild import __version__
+from xsbuild.errors import EXIT_BAD_INPUT, EXIT_INTERNAL, XsbuildError
+
+EPILOG = """\b
+Exit codes: 0 ok (diff: changes found), 1 refused (unpatchable change,
+payload Xen would reject, hypervisor error), 2 bad input or usage,
+3 no functional change, 4 hypervisor busy (retry), 70 internal error.
+Set XSBUILD_TRACEBACK=1 to see a Python traceback on errors."""
+
+
+@click.group(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="xsbuild")
+def cli() -> None:
+    """Turn a Xen source patch into a live-patch payload, check it, inspect it, apply it.
+
+    \b
+    Typical flow:
+      xsbuild diff orig/foo.o patched/foo.o -o out/foo.o
+      xsbuild link out/*.o -o fix.livepatch --xen-syms xen-syms
+      xsbuild check fix.livepatch --xen-syms xen-syms
+      xsbuild load fix.livepatch            (in dom0)
+    or all at once from a source tree: xsbuild build --srcdir xen --patch fix.patch ...
+    """
+
+
+def _register() -> None:
+    # Import for the side effect of registering each command module's commands on ``cli``.
+    import importlib
+
+    for name in ("compile", "apply", "inspect", "build"):
+        try:
+            importlib.import_module(f"xsbuild.cli.{name}")
+        except ModuleNotFoundError as exc:  # a module not written yet
+            if exc.name != f"xsbuild.cli.{name}":
+                raise
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point: run the CLI, turn errors into one line and an exit code."""
+    _register()
+    try:
+        rc = cli.main(args=argv, prog_name="xsbuild", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("xsbuild: interrupted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(EXIT_BAD_INPUT)
+    except XsbuildError as exc:
+        if os.environ.get("XSBUILD_TRACEBACK"):
+            traceback.print_exc()
+        click.echo(f"xsbuild: error: {exc}", err=True)
+        sys.exit(exc.return_code)
+    except KeyboardInterrupt:
+        click.echo("xsbuild: interrupted", err=True)
+        sys.exit(130)
+    except BrokenPipeError:
+        sys.exit(0)
+    except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, not a traceback
+        if os.environ.get("XSBUILD_TRACEBACK"):
+            traceback.print_exc()
+        click.echo(f"xsbuild: internal error (a bug in xsbuild): {type(exc).__name__}: {exc}",
+                   err=True)
+        sys.exit(EXIT_INTERNAL)
+    # Commands return None (success) or an exit code such as EXIT_NO_CHANGE (ctx.exit works too).
+    sys.exit(rc if isinstance(rc, int) else 0)

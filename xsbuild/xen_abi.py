@@ -1,0 +1,214 @@
+"""Every constant of the Xen livepatch ABI that xsbuild depends on, in one place.
+
+Each group names the section of ``shared/docs/xen-livepatch-spec.md`` ("spec §N") it comes from;
+the spec in turn names the Xen source file and tag.  Nothing else in xsbuild spells out a Xen
+section name, struct offset, op number or errno value.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+# --------------------------------------------------------------------------------------------
+# ELF header requirements (spec §1.1)
+ELF_MACHINE_X86_64 = 62  # EM_X86_64
+ELF_OSABI_ACCEPTED = frozenset({0, 9})  # SYSV/NONE and FreeBSD; GNU (3) is rejected
+MAX_SECTIONS = 1024  # e_shnum must be below this
+ELF64_EHDR_SIZE = 64
+ELF64_SHDR_SIZE = 64
+ELF64_SYM_SIZE = 24
+ELF64_RELA_SIZE = 24
+ELF64_REL_SIZE = 16
+
+# Size limits (spec §1.9, §1.2)
+LIVEPATCH_MAX_SIZE = 2 * 1024 * 1024  # payload file, and each NOBITS alloc section
+PAGE_SIZE = 4096
+NAME_SIZE = 128  # XEN_LIVEPATCH_NAME_SIZE, including the NUL: 127 usable characters
+KSYM_NAME_LEN = 127  # runtime symbol names are truncated to 126 characters
+
+# --------------------------------------------------------------------------------------------
+# Section names the loader recognises (spec §1.4)
+SEC_FUNCS = ".livepatch.funcs"
+SEC_DEPENDS = ".livepatch.depends"
+SEC_XEN_DEPENDS = ".livepatch.xen_depends"
+SEC_BUILD_ID = ".note.gnu.build-id"
+SEC_MODINFO = ".modinfo"
+SEC_ALTINSTRUCTIONS = ".altinstructions"
+SEC_ALTINSTR_REPLACEMENT = ".altinstr_replacement"
+SEC_EX_TABLE = ".ex_table"
+SEC_FIXUP = ".fixup"
+BUG_FRAME_SECTIONS = (".bug_frames.0", ".bug_frames.1", ".bug_frames.2", ".bug_frames.3")
+REQUIRED_NOTE_SECTIONS = (SEC_DEPENDS, SEC_XEN_DEPENDS, SEC_BUILD_ID)
+
+# Hook sections: load/unload are arrays of void (*)(void); the others hold exactly one pointer.
+HOOK_PREFIX = ".livepatch.hooks."
+HOOK_ARRAY_KINDS = ("load", "unload")
+HOOK_SINGLE_KINDS = ("preapply", "apply", "postapply", "prerevert", "revert", "postrevert")
+HOOK_KINDS = HOOK_ARRAY_KINDS + HOOK_SINGLE_KINDS
+HOOK_SECTIONS = tuple(HOOK_PREFIX + k for k in HOOK_KINDS)
+# Pre/post hooks "veto" REPLACE (-EOPNOTSUPP); apply/revert action hooks do not (spec §4.2).
+VETOING_HOOK_KINDS = ("preapply", "postapply", "prerevert", "postrevert")
+HOOK_POINTER_SIZE = 8
+# At least one of these must be present and non-empty: "Nothing to patch" otherwise.
+PATCHING_SECTIONS = (SEC_FUNCS, *HOOK_SECTIONS)
+
+# Author annotations read by the differ (a livepatch-build-tools convention, spec §1.4 "not
+# recognised" by Xen: they never reach a payload).
+SEC_IGNORE_FUNCTIONS = ".livepatch.ignore.functions"
+SEC_IGNORE_SECTIONS = ".livepatch.ignore.sections"
+
+# --------------------------------------------------------------------------------------------
+# Special sections: arrays of fixed-size entries whose entries belong to functions
+# (spec §1.4; sizes measured on Debian's build, target-notes "Debian's xen-syms has no DWARF").
+ALT_INSTR_SIZE = 14  # packed struct alt_instr
+ALT_INSTR_FORMAT = "<iiHBBBB"  # orig_offset, repl_offset, cpuid, orig_len, repl_len, pad_len, priv
+BUG_FRAME_SIZE = 8  # struct bug_frame
+EX_TABLE_ENTRY_SIZE = 8  # struct exception_table_entry {s32 addr, cont}
+
+# --------------------------------------------------------------------------------------------
+# struct livepatch_func (spec §1.5): 104 bytes, version 2
+LIVEPATCH_PAYLOAD_VERSION = 2
+FUNC_SIZE = 104
+FUNC_ALIGN = 8
+FUNC_OFF_NAME = 0
+FUNC_OFF_NEW_ADDR = 8
+FUNC_OFF_OLD_ADDR = 16
+FUNC_OFF_NEW_SIZE = 24
+FUNC_OFF_OLD_SIZE = 28
+FUNC_OFF_VERSION = 32
+FUNC_OFF_EXPECT = 72
+EXPECT_SIZE = 32
+OPAQUE_SIZE = 31  # LIVEPATCH_OPAQUE_SIZE; also the NOP patch limit
+# name, new_addr, old_addr, new_size, old_size, version, pad[39], expect[32]
+FUNC_STRUCT = struct.Struct("<QQQIIB39s32s")
+assert FUNC_STRUCT.size == FUNC_SIZE
+
+# x86 patching (spec §3.1)
+PATCH_INSN_SIZE = 5  # E9 rel32
+ENDBR64 = bytes.fromhex("f30f1efa")
+ENDBR64_POISON = bytes.fromhex("660f1f01")  # nopw (%rcx), written over unused ENDBR64 at boot
+ENDBR64_LEN = 4
+LIVEPATCH_RANGE = 2**31  # old_addr - new_addr must lie in [-2 GiB, 2 GiB)
+
+# --------------------------------------------------------------------------------------------
+# Build-id notes (spec §1.6)
+NT_GNU_BUILD_ID = 3
+NOTE_NAME_GNU = b"GNU\0"
+NOTE_HEADER = struct.Struct("<III")  # namesz, descsz, type
+
+# --------------------------------------------------------------------------------------------
+# Relocation types the loader performs (spec §1.8); every other type is -EOPNOTSUPP.
+R_X86_64_NONE = 0
+R_X86_64_64 = 1
+R_X86_64_PC32 = 2
+R_X86_64_PLT32 = 4
+ACCEPTED_RELOC_TYPES = frozenset({R_X86_64_NONE, R_X86_64_64, R_X86_64_PC32, R_X86_64_PLT32})
+RELOC_TYPE_NAMES = {
+    0: "R_X86_64_NONE", 1: "R_X86_64_64", 2: "R_X86_64_PC32", 3: "R_X86_64_GOT32",
+    4: "R_X86_64_PLT32", 9: "R_X86_64_GOTPCREL", 10: "R_X86_64_32", 11: "R_X86_64_32S",
+    24: "R_X86_64_PC64", 41: "R_X86_64_GOTPCRELX", 42: "R_X86_64_REX_GOTPCRELX",
+}
+
+
+def reloc_type_name(rtype: int) -> str:
+    return RELOC_TYPE_NAMES.get(rtype, f"R_X86_64_<{rtype}>")
+
+
+# --------------------------------------------------------------------------------------------
+# Errno values as Xen returns them (spec §4.1; xen/include/public/errno.h)
+EPERM = 1
+ENOENT = 2
+E2BIG = 7
+EAGAIN = 11
+ENOMEM = 12
+EACCES = 13
+EFAULT = 14
+EBUSY = 16
+EEXIST = 17
+EINVAL = 22
+ERANGE = 34
+ENOSYS = 38
+ENODATA = 61
+EOVERFLOW = 75
+EOPNOTSUPP = 95
+ENOBUFS = 105
+ERRNO_NAMES = {
+    EPERM: "EPERM", ENOENT: "ENOENT", E2BIG: "E2BIG", EAGAIN: "EAGAIN", ENOMEM: "ENOMEM",
+    EACCES: "EACCES", EFAULT: "EFAULT", EBUSY: "EBUSY", EEXIST: "EEXIST", EINVAL: "EINVAL",
+    ERANGE: "ERANGE", ENOSYS: "ENOSYS", ENODATA: "ENODATA", EOVERFLOW: "EOVERFLOW",
+    EOPNOTSUPP: "EOPNOTSUPP", ENOBUFS: "ENOBUFS",
+}
+
+
+def errno_name(value: int) -> str:
+    return ERRNO_NAMES.get(abs(value), f"errno {abs(value)}")
+
+
+# --------------------------------------------------------------------------------------------
+# The sysctl livepatch op (spec §4)
+HYPERVISOR_SYSCTL = 35
+HYPERVISOR_XEN_VERSION = 17
+XENVER_BUILD_ID = 10
+XEN_SYSCTL_LIVEPATCH_OP = 27
+SYSCTL_INTERFACE_VERSION_4_17 = 0x15  # 4.17.x .. 4.20.x
+SYSCTL_INTERFACE_VERSION_4_21 = 0x16  # 4.21 and later: LIST sizes are IN/OUT
+SYSCTL_INTERFACE_VERSIONS = (SYSCTL_INTERFACE_VERSION_4_17, SYSCTL_INTERFACE_VERSION_4_21)
+XEN_SYSCTL_SIZE = 136  # cmd u32, interface_version u32, union u[128]
+LIVEPATCH_OP_SIZE = 72  # at offset 8 of xen_sysctl
+IOCTL_PRIVCMD_HYPERCALL = 0x00305000
+
+# xen_sysctl_livepatch_op.cmd
+LIVEPATCH_CMD_UPLOAD = 0
+LIVEPATCH_CMD_GET = 1
+LIVEPATCH_CMD_LIST = 2
+LIVEPATCH_CMD_ACTION = 3
+
+# xen_sysctl_livepatch_action.cmd
+LIVEPATCH_ACTION_UNLOAD = 1
+LIVEPATCH_ACTION_REVERT = 2
+LIVEPATCH_ACTION_APPLY = 3
+LIVEPATCH_ACTION_REPLACE = 4
+LIVEPATCH_ACTION_APPLY_NODEPS = 1  # action flags
+LIVEPATCH_FLAG_FORCE = 1  # op flags, 4.19+
+
+# xen_livepatch_status.state
+LIVEPATCH_STATE_CHECKED = 1
+LIVEPATCH_STATE_APPLIED = 2
+STATE_NAMES = {LIVEPATCH_STATE_CHECKED: "CHECKED", LIVEPATCH_STATE_APPLIED: "APPLIED"}
+
+LIST_MAX_NR = 1024  # nr above this: -E2BIG
+DEFAULT_ACTION_TIMEOUT_NS = 30_000_000  # 0 means 30 ms in the hypervisor too
+
+
+@dataclass(frozen=True, slots=True)
+class StructField:
+    """One field of a sysctl struct: offset and size in bytes (spec §4.2 tables)."""
+
+    offset: int
+    size: int
+
+
+# Layouts of spec §4.2, offsets relative to the start of each struct.
+SYSCTL_LAYOUT = {"cmd": StructField(0, 4), "interface_version": StructField(4, 4),
+                 "u": StructField(8, 128)}
+LIVEPATCH_OP_LAYOUT = {"cmd": StructField(0, 4), "pad": StructField(4, 4), "u": StructField(8, 64)}
+NAME_LAYOUT = {"name": StructField(0, 8), "size": StructField(8, 2), "pad": StructField(10, 6)}
+UPLOAD_LAYOUT = {"name": StructField(0, 16), "size": StructField(16, 8),
+                 "payload": StructField(24, 8)}
+GET_LAYOUT = {"name": StructField(0, 16), "status": StructField(16, 8)}
+STATUS_LAYOUT = {"state": StructField(0, 4), "rc": StructField(4, 4)}
+LIST_LAYOUT = {
+    "version": StructField(0, 4), "idx": StructField(4, 4), "nr": StructField(8, 4),
+    "pad": StructField(12, 4), "name_total_size": StructField(16, 4),
+    "metadata_total_size": StructField(20, 4), "status": StructField(24, 8),
+    "name": StructField(32, 8), "len": StructField(40, 8), "metadata": StructField(48, 8),
+    "metadata_len": StructField(56, 8),
+}
+ACTION_LAYOUT = {"name": StructField(0, 16), "cmd": StructField(16, 4),
+                 "timeout": StructField(20, 4), "flags": StructField(24, 4),
+                 "pad": StructField(28, 4)}
+STRUCT_SIZES = {"xen_sysctl": 136, "xen_sysctl_livepatch_op": 72, "xen_livepatch_name": 16,
+                "xen_sysctl_livepatch_upload": 32, "xen_sysctl_livepatch_get": 24,
+                "xen_livepatch_status": 8, "xen_sysctl_livepatch_list": 64,
+                "xen_sysctl_livepatch_action": 32}
