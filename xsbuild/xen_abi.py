@@ -64,6 +64,10 @@ SEC_IGNORE_SECTIONS = ".livepatch.ignore.sections"
 ALT_INSTR_SIZE = 14  # packed struct alt_instr
 ALT_INSTR_FORMAT = "<iiHBBBB"  # orig_offset, repl_offset, cpuid, orig_len, repl_len, pad_len, priv
 BUG_FRAME_SIZE = 8  # struct bug_frame
+# A bug frame's two 32-bit displacement fields keep the source line in their upper bits; the
+# displacement proper is the low 24 (x86 asm/bug.h BUG_DISP_WIDTH; measured on Debian's objects:
+# ".rela.bug_frames.2" addends such as ".text.fixup_exception_return + 0x7000148").
+BUG_DISP_WIDTH = 24
 EX_TABLE_ENTRY_SIZE = 8  # struct exception_table_entry {s32 addr, cont}
 
 # --------------------------------------------------------------------------------------------
@@ -212,3 +216,13 @@ STRUCT_SIZES = {"xen_sysctl": 136, "xen_sysctl_livepatch_op": 72, "xen_livepatch
                 "xen_sysctl_livepatch_upload": 32, "xen_sysctl_livepatch_get": 24,
                 "xen_livepatch_status": 8, "xen_sysctl_livepatch_list": 64,
                 "xen_sysctl_livepatch_action": 32}
+
+# --------------------------------------------------------------------------------------------
+# Apply tool / hypercall transport (issue 4; spec §4.1, §4.2, §5)
+# struct xen_build_id {u32 len; u8 buf[];}: XENVER_build_id's argument (xen/include/public/version.h)
+XEN_BUILD_ID_HEADER_SIZE = 4
+HYPERCALL_PRIVCMD_ARGS = 5  # struct privcmd_hypercall {u64 op; u64 arg[5];}: 48 bytes
+LIST_VERSION_RESTARTS = 4  # libxc restarts a LIST walk this often on a version change, then EBUSY
+XEN_LIVEPATCH_ACTION_TIMEOUT_MAX_NS = 2**32 - 1  # action.timeout is a u32 of ns (about 4.29 s)
+# xen-livepatch prints rc != 0 after the state like this in `list` (spec §5)
+XEN_LIVEPATCH_LIST_NAME_WIDTH = 40

@@ -1,0 +1,632 @@
+"""Compare an original and a patched object function by function.
+
+The driver :func:`diff_objects` runs these steps over the two parsed objects:
+
+1. check the inputs belong together (same translation unit, split sections, a symbol table);
+2. list the *units* of each side: every function and data object;
+3. correlate each patched unit with its original twin (name, then static locals by the functions
+   that use them, then compiler clones such as ``foo.constprop.1`` by their demangled name);
+4. fingerprint every unit position-independently (:mod:`xsbuild.relocs`: relocation targets as
+   symbol + delta, strings by content) and classify it SAME, CHANGED or NEW;
+5. refuse what cannot be live-patched: changed data, ``__init`` code, used statics that lost their
+   twin, with one message per problem naming object, section and symbol;
+6. choose what the payload carries: changed functions, the new things they reach, hooks.
+
+The result (:class:`DiffResult`) is handed to :mod:`xsbuild.extract`, which cuts the chosen units
+out of the patched object into the diff object that ``xsbuild link`` consumes.  After step 3 no
+step looks a symbol up by name again: twins are explicit links.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from xsbuild import xen_abi
+from xsbuild.elf import STT_FUNC, STT_OBJECT, Elf, Reloc, Section, Symbol, read_elf
+from xsbuild.errors import InputMismatchError, UnsupportedChangeError
+from xsbuild.relocs import InstructionEnds, Target, field_width, target_of
+
+SAME, CHANGED, NEW = "same", "changed", "new"
+
+# Statics the compiler makes for its own purposes; never correlated, always carried fresh when an
+# included function uses them (kpatch and klp-diff keep similar lists).  ``__func__.3`` holds the
+# function's name for messages: a copy is as good as the original.
+SPECIAL_STATIC_PREFIXES = ("__func__.", "__PRETTY_FUNCTION__.", "__FUNCTION__.", "CSWTCH.")
+
+# Sections whose contents never reach a payload and whose changes mean nothing to one.
+IGNORED_SECTION_PREFIXES = (".comment", ".note", ".discard", ".debug", ".eh_frame", ".group",
+                            xen_abi.SEC_IGNORE_FUNCTIONS, xen_abi.SEC_IGNORE_SECTIONS)
+
+# gcc's clone and split suffixes: ``foo.isra.0``, ``foo.constprop.3``, ``foo.part.1``,
+# ``foo.cold``, ``foo.cold.7``; the numbers change between builds of the same function.
+_CLONE_RE = re.compile(r"\.(isra|constprop|part|cold|lto_priv|localalias)(\.\d+)?")
+_STATIC_LOCAL_RE = re.compile(r"^(?P<base>[A-Za-z_$][\w$]*)\.(?P<num>\d+)$")
+
+
+def is_init_section(name: str) -> bool:
+    """``__init`` code and data: ``.init.text``, ``.init.data``, ``.initcall*``, ``.init.setup``."""
+    return name.startswith(".init") or name.startswith(".exit.")
+
+
+def is_special_static(name: str) -> bool:
+    return name.startswith(SPECIAL_STATIC_PREFIXES)
+
+
+def demangle(name: str) -> str:
+    """The name with gcc's per-build numbers masked: ``foo.constprop.3`` -> ``foo.constprop.#``."""
+    return re.sub(r"\.\d+", ".#", name)
+
+
+def cold_parent_name(name: str) -> str | None:
+    """``foo.cold`` / ``foo.cold.3`` / ``foo.part.0.cold`` -> ``foo`` / ``foo.part.0``."""
+    m = re.search(r"\.cold(\.\d+)?$", name)
+    return name[:m.start()] if m else None
+
+
+@dataclass(slots=True, eq=False)
+class Unit:
+    """One function or data object of one side of the diff."""
+
+    sym: Symbol
+    side: str  # "orig" or "patched"
+    twin: Unit | None = None
+    status: str = SAME
+    reason: str = ""
+    parent: Unit | None = None  # for .cold children
+    children: list[Unit] = field(default_factory=list)
+    fingerprint: bytes = b""
+    ignored: bool = False  # listed in .livepatch.ignore.functions
+
+    @property
+    def name(self) -> str:
+        return self.sym.name
+
+    @property
+    def sec(self) -> Section:
+        assert self.sym.sec is not None
+        return self.sym.sec
+
+    @property
+    def is_func(self) -> bool:
+        return self.sym.type == STT_FUNC
+
+    @property
+    def xen_name(self) -> str:
+        """The name of this unit (its original, for a patched unit) in the hypervisor's table."""
+        sym = self.twin.sym if (self.side == "patched" and self.twin) else self.sym
+        return xen_name(sym)
+
+    def relocs(self) -> list[Reloc]:
+        lo, hi = self.sym.value, self.sym.value + self.sym.size
+        return [r for r in self.sec.relocs if lo <= r.offset < hi]
+
+    def body(self) -> bytes:
+        if self.sec.is_nobits:
+            return b"\0" * self.sym.size
+        return bytes(self.sec.data[self.sym.value:self.sym.value + self.sym.size])
+
+    def __repr__(self) -> str:
+        return f"<Unit {self.side} {self.name} {self.status}>"
+
+
+def xen_name(sym: Symbol) -> str:
+    """How Xen's symbol table names ``sym``: statics as ``<STT_FILE>#name`` (spec §7)."""
+    if sym.is_local and sym.file:
+        return f"{sym.file}#{sym.name}"
+    return sym.name
+
+
+@dataclass(slots=True)
+class DiffResult:
+    """What the diff decided, and the patched object it decided it about."""
+
+    object: str
+    orig: Elf
+    patched: Elf
+    units: list[Unit]  # patched side
+    included: list[Unit]  # units the payload carries, in patched-object order
+    hook_sections: list[Section]
+    refused: list[str]
+    notes: list[str] = field(default_factory=list)
+    ends: InstructionEnds = field(default_factory=InstructionEnds)
+
+    @property
+    def changed_functions(self) -> list[Unit]:
+        return [u for u in self.units if u.is_func and u.status == CHANGED and u.parent is None]
+
+    @property
+    def new_functions(self) -> list[Unit]:
+        return [u for u in self.included if u.is_func and u.status == NEW]
+
+    @property
+    def new_data(self) -> list[Unit]:
+        return [u for u in self.included if not u.is_func and u.status == NEW]
+
+    @property
+    def status(self) -> str:
+        if self.refused:
+            return "refused"
+        return "changed" if (self.changed_functions or self.hook_sections
+                             or any(u.sym.bind != 0 for u in self.included)) else "no-change"
+
+    def to_json(self) -> dict[str, object]:
+        def item(u: Unit, with_reason: bool = False) -> dict[str, object]:
+            d: dict[str, object] = {"name": u.name, "xen_name": u.xen_name,
+                                    "section": u.sec.name, "size": u.sym.size}
+            if with_reason:
+                d["reason"] = u.reason
+            return d
+        return {
+            "schema": "xsbuild.diff/1",
+            "object": self.object,
+            "status": self.status,
+            "changed_functions": [item(u, True) for u in self.changed_functions],
+            "new_functions": [item(u) for u in self.new_functions],
+            "new_data": [item(u) for u in self.new_data],
+            "included": [item(u, True) | {"status": u.status} for u in self.included],
+            "hooks": [s.name for s in self.hook_sections],
+            "refused": [{"message": m} for m in self.refused],
+            "notes": list(self.notes),
+        }
+
+
+# --------------------------------------------------------------------------------------------
+# Driver
+
+
+def diff_files(orig: str | os.PathLike[str], patched: str | os.PathLike[str],
+               out: str | os.PathLike[str] | None = None, *,
+               allow_new_statics: Iterable[str] = ()) -> DiffResult:
+    """Diff two object files; when something changed, write the diff object to ``out``.
+
+    Raises :class:`UnsupportedChangeError` when the change cannot be live-patched (nothing is
+    written then), :class:`xsbuild.errors.UsageError` subclasses for bad input.
+    """
+    from xsbuild import extract
+    from xsbuild.elf import elf_bytes, write_atomic
+
+    result = diff_objects(read_elf(orig), read_elf(patched), label=str(patched),
+                          allow_new_statics=allow_new_statics)
+    if result.refused:
+        raise UnsupportedChangeError(result.refused)
+    if out is not None and result.status == "changed":
+        write_atomic(out, elf_bytes(extract.extract(result, Path(out).name)))
+    return result
+
+
+def diff_objects(orig: Elf, patched: Elf, *, label: str = "",
+                 allow_new_statics: Iterable[str] = ()) -> DiffResult:
+    label = label or patched.path
+    check_inputs(orig, patched, label)
+    ignored_secs = ignored_sections(patched)
+    orig_units, patched_units = list_units(orig), list_units(patched)
+    correlate(orig_units, patched_units)
+    ends = InstructionEnds()
+    fingerprint_all(orig_units)
+    fingerprint_all(patched_units)
+    mark_ignored_functions(patched, patched_units)
+    twins = classify(patched_units, ends)
+    refused = find_refusals(label, patched_units, ignored_secs, set(allow_new_statics), ends,
+                            twins)
+    hooks = [s for s in patched.sections
+             if s.name.startswith(xen_abi.HOOK_PREFIX) and s.size]
+    included, notes = choose_included(patched_units, hooks, ends)
+    return DiffResult(object=label, orig=orig, patched=patched, units=patched_units,
+                      included=included, hook_sections=hooks, refused=refused, notes=notes,
+                      ends=ends)
+
+
+# --------------------------------------------------------------------------------------------
+# Step 1: inputs
+
+
+def check_inputs(orig: Elf, patched: Elf, label: str) -> None:
+    of, pf = orig.file_symbols(), patched.file_symbols()
+    if not pf:
+        raise InputMismatchError(f"{label}: no STT_FILE symbol (stripped object?); xsbuild needs "
+                                 "the compiler's object with its full symbol table")
+    if of[:1] != pf[:1]:
+        raise InputMismatchError(
+            f"{label}: objects of different translation units: {of[0] if of else '(none)'!r} vs "
+            f"{pf[0]!r}")
+    for elf in (orig, patched):
+        for sec in elf.sections:
+            funcs = [s for s in sec.symbols if s.type == STT_FUNC]
+            if sec.name == ".text" and len(funcs) > 1 and any(s.name for s in funcs):
+                if all(s.sec is sec for s in funcs) and elf.section(".text." + funcs[0].name) \
+                        is None and _compiled_from_c(elf):
+                    raise InputMismatchError(
+                        f"{elf.path}: functions share section .text: build with "
+                        "-ffunction-sections -fdata-sections (Xen does with CONFIG_LIVEPATCH)")
+
+
+def _compiled_from_c(elf: Elf) -> bool:
+    files = elf.file_symbols()
+    return bool(files) and files[0].endswith(".c")
+
+
+def list_units(elf: Elf) -> list[Unit]:
+    units = []
+    for sym in elf.symbols:
+        if sym.sec is None or sym.type not in (STT_FUNC, STT_OBJECT) or not sym.name:
+            continue
+        if not sym.sec.is_alloc or sym.sec.name.startswith(xen_abi.HOOK_PREFIX):
+            continue
+        if sym.sec.name.startswith(IGNORED_SECTION_PREFIXES):
+            continue
+        units.append(Unit(sym=sym, side=""))
+    by_name = {u.name: u for u in units}
+    for u in units:
+        parent = cold_parent_name(u.name)
+        if parent and parent in by_name and u.is_func:
+            u.parent = by_name[parent]
+            by_name[parent].children.append(u)
+    return units
+
+
+# --------------------------------------------------------------------------------------------
+# Step 3: correlation
+
+
+def correlate(orig: list[Unit], patched: list[Unit]) -> None:
+    """Link every patched unit to its original twin where one exists.
+
+    Funnel, widest unique match first: exact name (with locality and type) for everything but
+    numbered static locals; static locals by base name among the statics that the twins of their
+    users use; clones and splits by demangled name.  Special statics stay uncorrelated.
+    """
+    for u in orig:
+        u.side = "orig"
+    for u in patched:
+        u.side = "patched"
+    _match_exact(orig, patched)
+    _match_static_locals(orig, patched)
+    _match_demangled(orig, patched)
+
+
+def _key(u: Unit) -> tuple[str, bool, int]:
+    return (u.name, u.sym.is_local, u.sym.type)
+
+
+def _is_numbered_static(u: Unit) -> bool:
+    return (not u.is_func and u.sym.is_local and _STATIC_LOCAL_RE.match(u.name) is not None
+            and not is_special_static(u.name))
+
+
+def _match_exact(orig: list[Unit], patched: list[Unit]) -> None:
+    def index(units: list[Unit]) -> dict[tuple[str, bool, int], list[Unit]]:
+        out: dict[tuple[str, bool, int], list[Unit]] = {}
+        for u in units:
+            if not is_special_static(u.name) and not _is_numbered_static(u):
+                out.setdefault(_key(u), []).append(u)
+        return out
+    oi, pi = index(orig), index(patched)
+    for key, ps in pi.items():
+        os_ = oi.get(key, [])
+        if len(ps) == len(os_):  # unique, or duplicates matched by position (asm objects)
+            for p, o in zip(ps, os_, strict=True):
+                _link(o, p)
+
+
+def _link(o: Unit, p: Unit) -> None:
+    o.twin, p.twin = p, o
+
+
+def _users(units: list[Unit]) -> dict[int, list[Unit]]:
+    """Symbol id -> the units whose relocations reference it (directly or via section symbol)."""
+    users: dict[int, list[Unit]] = {}
+    for u in units:
+        for r in u.relocs():
+            t = target_of(r)
+            if t.kind == "sym" and t.sym is not None:
+                lst = users.setdefault(id(t.sym), [])
+                if u not in lst:
+                    lst.append(u)
+    return users
+
+
+def _match_static_locals(orig: list[Unit], patched: list[Unit]) -> None:
+    """gcc numbers function-scope statics per translation unit (``count.0``, ``count.1``); a new
+    static earlier in the file renumbers the old ones.  Match by base name among the statics used
+    by the twin of a function that uses the patched one."""
+    o_statics = [u for u in orig if _is_numbered_static(u)]
+    p_statics = [u for u in patched if _is_numbered_static(u)]
+    if not p_statics:
+        return
+    o_users, p_users = _users(orig), _users(patched)
+    o_used_by: dict[int, list[Unit]] = {}
+    for o in o_statics:
+        for user in o_users.get(id(o.sym), []):
+            o_used_by.setdefault(id(user), []).append(o)
+    for p in p_statics:
+        base = _STATIC_LOCAL_RE.match(p.name).group("base")  # type: ignore[union-attr]
+        candidates: list[Unit] = []
+        for user in p_users.get(id(p.sym), []):
+            if user.twin is None:
+                continue
+            for o in o_used_by.get(id(user.twin), []):
+                if o.twin is None and o not in candidates and \
+                        _STATIC_LOCAL_RE.match(o.name).group("base") == base:  # type: ignore
+                    candidates.append(o)
+        if len(candidates) == 1:
+            _link(candidates[0], p)
+    # Statics used by no correlated function (e.g. only by data): fall back to the exact name.
+    left_o = {o.name: o for o in o_statics if o.twin is None}
+    for p in p_statics:
+        if p.twin is None and p.name in left_o and not p_users.get(id(p.sym)):
+            _link(left_o.pop(p.name), p)
+
+
+def _match_demangled(orig: list[Unit], patched: list[Unit]) -> None:
+    def index(units: list[Unit]) -> dict[tuple[str, int], list[Unit]]:
+        out: dict[tuple[str, int], list[Unit]] = {}
+        for u in units:
+            if u.twin is None and _CLONE_RE.search(u.name) and not is_special_static(u.name):
+                out.setdefault((demangle(u.name), u.sym.type), []).append(u)
+        return out
+    oi, pi = index(orig), index(patched)
+    for key, ps in pi.items():
+        os_ = oi.get(key, [])
+        if len(ps) == 1 and len(os_) == 1:
+            _link(os_[0], ps[0])
+
+
+# --------------------------------------------------------------------------------------------
+# Step 4: fingerprints and classification
+
+
+@dataclass(slots=True)
+class TwinNames:
+    """Patched-side unit symbol id -> its original twin's name ("" for a new unit)."""
+
+    names: dict[int, str]
+
+    @classmethod
+    def of(cls, patched: list[Unit]) -> TwinNames:
+        return cls({id(u.sym): (u.twin.name if u.twin else "") for u in patched})
+
+
+def fingerprint_all(units: list[Unit]) -> None:
+    for u in units:
+        u.fingerprint = fingerprint(u)
+
+
+def unit_targets(u: Unit, ends: InstructionEnds) -> list[tuple[Reloc, Target]]:
+    """Every relocation inside ``u`` with what it points at."""
+    out = []
+    for r in u.relocs():
+        pc = 0
+        if u.sec.is_text and r.type in (xen_abi.R_X86_64_PC32, xen_abi.R_X86_64_PLT32):
+            pc = ends.pc_adjust(u.sec, u.sym.value, u.sym.end, r.offset, field_width(r.type))
+        out.append((r, target_of(r, pc)))
+    return out
+
+
+def canonical(t: Target, side: str, twins: TwinNames) -> tuple[object, ...]:
+    """A target as both sides can agree on: patched-side symbols by their twin's name."""
+    if t.kind == "sym":
+        sym = t.sym
+        assert sym is not None
+        name = sym.name
+        if is_special_static(name):
+            name = "special:" + demangle(name)
+        elif side == "patched" and id(sym) in twins.names:
+            name = twins.names[id(sym)] or "new:" + name
+        return ("sym", name, t.delta)
+    if t.kind in ("string", "const"):
+        return (t.kind, t.content, t.delta)
+    assert t.section is not None
+    return ("anon", t.section.name, t.delta,
+            hashlib.blake2b(bytes(t.section.data), digest_size=8).digest())
+
+
+
+
+def _masked_body(u: Unit) -> bytes:
+    body = bytearray(u.body())
+    for r in u.relocs():
+        off = r.offset - u.sym.value
+        width = field_width(r.type)
+        body[off:off + width] = b"\0" * min(width, len(body) - off)
+    return bytes(body)
+
+
+def fingerprint(u: Unit) -> bytes:
+    """Digest of a unit's bytes with every relocated field zeroed: the cheap first comparison.
+    Relocations are compared afterwards (:func:`reloc_keys`), once twins are known, so that a
+    renumbered static or a renamed clone compares equal."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(u.sym.size.to_bytes(8, "little"))
+    h.update(_masked_body(u))
+    return h.digest()
+
+
+def reloc_keys(u: Unit, ends: InstructionEnds, twins: TwinNames) -> list[tuple[object, ...]]:
+    """Each relocation of ``u`` as (offset in unit, type, canonical target)."""
+    return [(r.offset - u.sym.value, r.type, *canonical(t, u.side, twins))
+            for r, t in unit_targets(u, ends)]
+
+
+def classify(patched: list[Unit], ends: InstructionEnds) -> TwinNames:
+    twins = TwinNames.of(patched)
+    for u in patched:
+        if u.twin is None:
+            u.status, u.reason = NEW, "new"
+            continue
+        if u.ignored:
+            u.status, u.reason = SAME, "ignored by .livepatch.ignore.functions"
+            continue
+        u.reason = first_difference(u.twin, u, ends, twins)
+        u.status = CHANGED if u.reason else SAME
+    # A changed .cold part is only reached through its parent: the parent must be replaced.
+    for u in patched:
+        if u.parent is not None and u.status == CHANGED and u.parent.status == SAME \
+                and not u.parent.ignored:
+            u.parent.status = CHANGED
+            u.parent.reason = f"its cold part {u.name} changed: {u.reason}"
+    return twins
+
+
+def first_difference(o: Unit, p: Unit, ends: InstructionEnds, twins: TwinNames) -> str:
+    """Why ``p`` differs from its twin ``o``, in words; "" when they are the same."""
+    if o.sym.size != p.sym.size:
+        return f"size {o.sym.size:#x} -> {p.sym.size:#x}"
+    if o.fingerprint != p.fingerprint:
+        ob, pb = _masked_body(o), _masked_body(p)
+        at = next((i for i, (a, b) in enumerate(zip(ob, pb, strict=True)) if a != b), None)
+        if at is not None:
+            return f"code differs at +{at:#x}" if p.is_func else f"contents differ at +{at:#x}"
+        return "code differs"
+    ok, pk = reloc_keys(o, ends, twins), reloc_keys(p, ends, twins)
+    for a, b in zip(ok, pk, strict=False):
+        if a != b:
+            return f"relocation at +{b[0]:#x} now points to {_describe(b)} (was {_describe(a)})"
+    if len(ok) != len(pk):
+        return f"relocations differ ({len(ok)} -> {len(pk)})"
+    return ""
+
+
+def _describe(key: tuple[object, ...]) -> str:
+    kind = key[2]
+    if kind == "sym":
+        name, delta = key[3], key[4]
+        return f"{name}{delta:+#x}" if delta else str(name)
+    if kind in ("string", "const"):
+        content = key[3]
+        assert isinstance(content, bytes)
+        text = content.rstrip(b"\0").decode("utf-8", "replace")
+        return f"string {text!r}" if kind == "string" else f"constant {content.hex()}"
+    return f"{key[3]}{key[4]:+#x}"
+
+
+# --------------------------------------------------------------------------------------------
+# Ignore marks (.livepatch.ignore.functions / .sections)
+
+
+def _pointer_targets(elf: Elf, secname: str) -> list[Target]:
+    sec = elf.section(secname)
+    if sec is None:
+        return []
+    return [target_of(r) for r in sec.relocs if r.type == xen_abi.R_X86_64_64]
+
+
+def ignored_sections(patched: Elf) -> set[str]:
+    return {t.content.rstrip(b"\0").decode() for t in
+            _pointer_targets(patched, xen_abi.SEC_IGNORE_SECTIONS) if t.kind == "string"}
+
+
+def mark_ignored_functions(patched: Elf, units: list[Unit]) -> None:
+    by_sym = {id(u.sym): u for u in units}
+    for t in _pointer_targets(patched, xen_abi.SEC_IGNORE_FUNCTIONS):
+        if t.kind == "sym" and t.sym is not None and id(t.sym) in by_sym:
+            u = by_sym[id(t.sym)]
+            u.ignored = True
+            for child in u.children:
+                child.ignored = True
+
+
+# --------------------------------------------------------------------------------------------
+# Step 5: refusals
+
+
+def find_refusals(label: str, units: list[Unit], ignored_secs: set[str],
+                  allow_new_statics: set[str], ends: InstructionEnds,
+                  twins: TwinNames) -> list[str]:
+    """Every reason the change cannot be live-patched (collected, not raised one by one)."""
+    problems = []
+    for u in units:
+        where = f"{label}: {u.sec.name}: {u.name}"
+        if u.sec.name in ignored_secs:
+            continue
+        if is_init_section(u.sec.name) and u.status != SAME:
+            what = "function" if u.is_func else "data"
+            problems.append(f"{where}: {u.status} __init {what} cannot be live-patched (init code "
+                            "and data ran at boot and were freed); put the fix in a runtime "
+                            "function or mark the section in .livepatch.ignore.sections")
+        elif not u.is_func and u.status == CHANGED and not is_special_static(u.name):
+            kind = ("read-only data" if not u.sec.is_writable else
+                    "zero-initialised data (bss)" if u.sec.is_nobits else "initialised data")
+            problems.append(f"{where}: changed {kind} cannot be live-patched ({u.reason}): the "
+                            "running hypervisor keeps the old value; use a new variable and a "
+                            "load hook instead")
+    problems += _uncorrelated_statics(label, units, allow_new_statics, ends, twins)
+    return problems
+
+
+def _uncorrelated_statics(label: str, units: list[Unit], allow: set[str],
+                          ends: InstructionEnds, twins: TwinNames) -> list[str]:
+    """A static local used by a *changed* function but without an original twin would start
+    from zero in the payload while the old one keeps its state: refused unless allowed."""
+    problems = []
+    for u in units:
+        if u.status != CHANGED or not u.is_func:
+            continue
+        for _r, t in unit_targets(u, ends):
+            s = t.sym
+            if t.kind != "sym" or s is None or s.sec is None or not s.is_local:
+                continue
+            if s.type != STT_OBJECT or not _STATIC_LOCAL_RE.match(s.name) \
+                    or is_special_static(s.name):
+                continue
+            if not twins.names.get(id(s)) and s.name not in allow and \
+                    _STATIC_LOCAL_RE.match(s.name).group("base") not in allow:  # type: ignore
+                msg = (f"{label}: {s.sec.name}: {s.name}: static local used by changed function "
+                       f"{u.name} has no counterpart in the original object; its state would "
+                       f"restart from its initial value. If it is really new, allow it with "
+                       f"--new-static {s.name}")
+                if msg not in problems:
+                    problems.append(msg)
+    return problems
+
+
+# --------------------------------------------------------------------------------------------
+# Step 6: inclusion
+
+
+def choose_included(units: list[Unit], hooks: list[Section],
+                    ends: InstructionEnds) -> tuple[list[Unit], list[str]]:
+    """The units the payload carries: changed functions (with their cold parts), new global
+    things, hook targets, and every new unit or special static they reach.  SAME units stay in
+    the hypervisor and are referenced by name."""
+    by_sym = {id(u.sym): u for u in units}
+    chosen: dict[int, Unit] = {}
+    work = [u for u in units if (u.status == CHANGED and u.is_func)
+            or (u.status == NEW and not u.sym.is_local and not is_init_section(u.sec.name))]
+    for sec in hooks:  # hook functions are reached through the hook sections' pointers
+        for r in sec.relocs:
+            t = target_of(r)
+            if t.kind == "sym" and t.sym is not None and id(t.sym) in by_sym:
+                work.append(by_sym[id(t.sym)])
+    while work:
+        u = work.pop()
+        if id(u.sym) in chosen:
+            continue
+        chosen[id(u.sym)] = u
+        work.extend(u.children)
+        for _r, t in unit_targets(u, ends):
+            if t.kind != "sym" or t.sym is None:
+                continue
+            v = by_sym.get(id(t.sym))
+            if v is not None and needs_copy(v):
+                work.append(v)
+    included = [u for u in units if id(u.sym) in chosen]
+    notes = [f"new function {u.name} is not used by any change and is left out"
+             for u in units if u.is_func and u.status == NEW and id(u.sym) not in chosen
+             and u.sym.is_local]
+    return included, notes
+
+
+def needs_copy(u: Unit) -> bool:
+    """Must this unit travel in the payload when an included unit refers to it?"""
+    if u.status in (NEW, CHANGED) or is_special_static(u.name):
+        return True
+    if u.parent is not None:  # a cold part goes with its parent
+        return u.parent.status != SAME
+    # Unchanged read-only statics are copied: constant, so a copy is exact, and Xen's table need
+    # not hold them (gcc may have merged them away).
+    return not u.is_func and u.sym.is_local and not u.sec.is_writable and not u.sec.is_nobits

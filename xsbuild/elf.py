@@ -1,0 +1,448 @@
+"""The ELF object model shared by every stage, with a reader (pyelftools) and a writer.
+
+Only relocatable x86-64 objects (ET_REL, ELF64, little-endian) are modelled: the diff inputs, the
+diff outputs and the payload itself.  The model is mutable and identity-keyed, in the manner of
+objtool's ``struct elf``/``section``/``symbol``/``reloc``: an ``Elf`` owns ordered lists of
+sections and symbols; each ``Section`` knows its relocations (``relocs``) and the symbols defined in
+it; each ``Reloc`` points at a ``Symbol`` object, never at an index.  Indexes are assigned only when
+writing.
+
+pyelftools does the parsing (and its errors become :class:`ElfParseError`); nothing outside this
+module sees a pyelftools object.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from xsbuild import xen_abi
+from xsbuild.errors import ElfParseError
+
+# gABI constants (System V ABI, "Object Files" chapter)
+SHT_NULL, SHT_PROGBITS, SHT_SYMTAB, SHT_STRTAB, SHT_RELA = 0, 1, 2, 3, 4
+SHT_NOTE, SHT_NOBITS, SHT_REL, SHT_GROUP = 7, 8, 9, 17
+SHF_WRITE, SHF_ALLOC, SHF_EXECINSTR = 0x1, 0x2, 0x4
+SHF_MERGE, SHF_STRINGS, SHF_INFO_LINK, SHF_GROUP = 0x10, 0x20, 0x40, 0x200
+STT_NOTYPE, STT_OBJECT, STT_FUNC, STT_SECTION, STT_FILE = 0, 1, 2, 3, 4
+STT_COMMON, STT_TLS, STT_GNU_IFUNC = 5, 6, 10
+STB_LOCAL, STB_GLOBAL, STB_WEAK, STB_GNU_UNIQUE = 0, 1, 2, 10
+SHN_UNDEF, SHN_LORESERVE, SHN_ABS, SHN_COMMON, SHN_XINDEX = 0, 0xFF00, 0xFFF1, 0xFFF2, 0xFFFF
+ET_REL = 1
+
+_SHT_NAMES = {"SHT_NULL": 0, "SHT_PROGBITS": 1, "SHT_SYMTAB": 2, "SHT_STRTAB": 3, "SHT_RELA": 4,
+              "SHT_HASH": 5, "SHT_DYNAMIC": 6, "SHT_NOTE": 7, "SHT_NOBITS": 8, "SHT_REL": 9,
+              "SHT_GROUP": 17, "SHT_SYMTAB_SHNDX": 18, "SHT_INIT_ARRAY": 14, "SHT_FINI_ARRAY": 15}
+_STT = {"STT_NOTYPE": 0, "STT_OBJECT": 1, "STT_FUNC": 2, "STT_SECTION": 3, "STT_FILE": 4,
+        "STT_COMMON": 5, "STT_TLS": 6, "STT_LOOS": 10}
+_STB = {"STB_LOCAL": 0, "STB_GLOBAL": 1, "STB_WEAK": 2, "STB_LOOS": 10}
+
+
+@dataclass(slots=True, eq=False)
+class Symbol:
+    name: str
+    type: int = STT_NOTYPE
+    bind: int = STB_LOCAL
+    other: int = 0
+    sec: Section | None = None  # None: undefined, absolute or common (see shndx)
+    value: int = 0  # offset inside ``sec`` for defined symbols
+    size: int = 0
+    shndx: int = SHN_UNDEF  # raw index, meaningful for SHN_ABS / SHN_COMMON / SHN_UNDEF
+    file: str = ""  # the STT_FILE name in force where the symbol stands (statics: path#name)
+    index: int = 0  # position in the symbol table as read (informational)
+
+    @property
+    def is_func(self) -> bool:
+        return self.type == STT_FUNC
+
+    @property
+    def is_object(self) -> bool:
+        return self.type == STT_OBJECT
+
+    @property
+    def is_section(self) -> bool:
+        return self.type == STT_SECTION
+
+    @property
+    def is_file(self) -> bool:
+        return self.type == STT_FILE
+
+    @property
+    def is_local(self) -> bool:
+        return self.bind == STB_LOCAL
+
+    @property
+    def is_undefined(self) -> bool:
+        return self.sec is None and self.shndx == SHN_UNDEF and not self.is_file
+
+    @property
+    def end(self) -> int:
+        return self.value + self.size
+
+    def __repr__(self) -> str:
+        where = self.sec.name if self.sec else ("UND" if self.is_undefined else hex(self.shndx))
+        return f"<Symbol {self.name or '(unnamed)'} @{where}+{self.value:#x} size={self.size}>"
+
+
+@dataclass(slots=True, eq=False)
+class Reloc:
+    offset: int
+    type: int
+    sym: Symbol
+    addend: int
+
+    def __repr__(self) -> str:
+        return (f"<Reloc {xen_abi.reloc_type_name(self.type)} @{self.offset:#x} -> "
+                f"{self.sym.name or (self.sym.sec.name if self.sym.sec else '?')}{self.addend:+#x}>")
+
+
+@dataclass(slots=True, eq=False)
+class Section:
+    name: str
+    type: int = SHT_PROGBITS
+    flags: int = 0
+    addralign: int = 1
+    entsize: int = 0
+    data: bytes = b""  # empty for SHT_NOBITS; see ``size``
+    size: int = 0
+    link: int = 0  # raw sh_link / sh_info as read, for sections the model does not interpret
+    info: int = 0
+    relocs: list[Reloc] = field(default_factory=list)
+    symbols: list[Symbol] = field(default_factory=list)  # defined here, by offset
+    sym: Symbol | None = None  # the STT_SECTION symbol
+    index: int = 0
+
+    @property
+    def is_alloc(self) -> bool:
+        return bool(self.flags & SHF_ALLOC)
+
+    @property
+    def is_text(self) -> bool:
+        return bool(self.flags & SHF_EXECINSTR)
+
+    @property
+    def is_writable(self) -> bool:
+        return bool(self.flags & SHF_WRITE)
+
+    @property
+    def is_nobits(self) -> bool:
+        return self.type == SHT_NOBITS
+
+    @property
+    def is_string(self) -> bool:
+        return bool(self.flags & SHF_STRINGS) and bool(self.flags & SHF_MERGE)
+
+    @property
+    def is_merge_const(self) -> bool:
+        """``.rodata.cst<N>``: mergeable fixed-size constants (not strings)."""
+        return bool(self.flags & SHF_MERGE) and not self.flags & SHF_STRINGS
+
+    def named_symbols(self) -> list[Symbol]:
+        """Function/object symbols defined here (no section or file symbols)."""
+        return [s for s in self.symbols if s.type in (STT_FUNC, STT_OBJECT, STT_NOTYPE)
+                and s.name and not s.is_section]
+
+    def __repr__(self) -> str:
+        return f"<Section {self.name} size={self.size:#x}>"
+
+
+@dataclass(slots=True, eq=False)
+class Elf:
+    path: str
+    sections: list[Section] = field(default_factory=list)  # excludes the null section
+    symbols: list[Symbol] = field(default_factory=list)  # excludes the null symbol
+    osabi: int = 0
+    flags: int = 0
+    _by_name: dict[str, Section] | None = None
+
+    def section(self, name: str) -> Section | None:
+        """The first section with this name (as Xen's ``livepatch_elf_sec_by_name`` does)."""
+        if self._by_name is None:
+            self._by_name = {}
+            for sec in self.sections:
+                self._by_name.setdefault(sec.name, sec)
+        return self._by_name.get(name)
+
+    def invalidate(self) -> None:
+        self._by_name = None
+
+    def file_symbols(self) -> list[str]:
+        return [s.name for s in self.symbols if s.is_file]
+
+    def defined(self) -> Iterator[Symbol]:
+        return (s for s in self.symbols if s.sec is not None and not s.is_section)
+
+
+# --------------------------------------------------------------------------------------------
+# Reading
+
+
+def read_elf(path: str | os.PathLike[str], data: bytes | None = None) -> Elf:
+    """Parse a relocatable x86-64 ELF object into the model.
+
+    Raises :class:`ElfParseError` with one line naming the file and the problem for anything that
+    is not such an object (non-ELF, truncated, wrong class/machine/type, malformed tables).
+    """
+    label = str(path)
+    if data is None:
+        try:
+            data = Path(path).read_bytes()
+        except OSError as exc:
+            raise ElfParseError(f"{label}: cannot read: {exc.strerror or exc}") from exc
+    if len(data) < 4 or data[:4] != b"\x7fELF":
+        raise ElfParseError(f"{label}: not an ELF file")
+    if len(data) < xen_abi.ELF64_EHDR_SIZE:
+        raise ElfParseError(f"{label}: truncated ELF header")
+    if data[4] != 2 or data[5] != 1:
+        raise ElfParseError(f"{label}: not a 64-bit little-endian ELF (x86-64 objects only)")
+    e_type, e_machine = struct.unpack_from("<HH", data, 16)
+    if e_machine != xen_abi.ELF_MACHINE_X86_64:
+        raise ElfParseError(f"{label}: wrong machine {e_machine} (need x86-64, 62)")
+    if e_type != ET_REL:
+        raise ElfParseError(f"{label}: not a relocatable object (e_type {e_type}; need ET_REL)")
+    try:
+        return _parse(label, data)
+    except ElfParseError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - pyelftools raises many types on malformed input
+        raise ElfParseError(f"{label}: malformed ELF: {type(exc).__name__}: {exc}") from exc
+
+
+def _parse(label: str, data: bytes) -> Elf:
+    from elftools.elf.elffile import ELFFile
+
+    ef = ELFFile(io.BytesIO(data))
+    shnum = ef.num_sections()
+    elf = Elf(path=label, osabi=data[7], flags=ef.header["e_flags"])
+    raw = [ef.get_section(i) for i in range(shnum)]
+    by_index: dict[int, Section] = {}
+    symtab_raw = None
+    for i, rs in enumerate(raw):
+        if i == 0:
+            continue
+        hdr = rs.header
+        stype = _SHT_NAMES.get(hdr["sh_type"], hdr["sh_type"]) if isinstance(
+            hdr["sh_type"], str) else hdr["sh_type"]
+        if not isinstance(stype, int):
+            stype = 0x60000000
+        if stype == SHT_SYMTAB:
+            if symtab_raw is not None:
+                raise ElfParseError(f"{label}: more than one symbol table")
+            symtab_raw = rs
+        if stype not in (SHT_NOBITS,) and hdr["sh_offset"] + hdr["sh_size"] > len(data):
+            raise ElfParseError(f"{label}: section {rs.name} extends past the end of the file "
+                                "(truncated?)")
+        body = b"" if stype == SHT_NOBITS else data[hdr["sh_offset"]:hdr["sh_offset"]
+                                                     + hdr["sh_size"]]
+        sec = Section(name=rs.name, type=stype, flags=hdr["sh_flags"],
+                      addralign=hdr["sh_addralign"], entsize=hdr["sh_entsize"], data=body,
+                      size=hdr["sh_size"], link=hdr["sh_link"], info=hdr["sh_info"], index=i)
+        by_index[i] = sec
+        elf.sections.append(sec)
+    if symtab_raw is None:
+        raise ElfParseError(f"{label}: no symbol table (stripped object?)")
+    syms = _read_symbols(label, data, symtab_raw, by_index, raw)
+    elf.symbols = syms[1:]
+    for sec in elf.sections:
+        if sec.type == SHT_REL:
+            target = by_index.get(sec.info)
+            if target is not None and target.is_alloc:
+                raise ElfParseError(f"{label}: SHT_REL section {sec.name} (only RELA is supported)")
+        if sec.type != SHT_RELA:
+            continue
+        target = by_index.get(sec.info)
+        if target is None:
+            continue
+        if sec.entsize != xen_abi.ELF64_RELA_SIZE or sec.size % xen_abi.ELF64_RELA_SIZE:
+            raise ElfParseError(f"{label}: {sec.name}: bad relocation entry size")
+        target.relocs = _read_relocs(label, sec, syms)
+    for sec in elf.sections:
+        sec.symbols.sort(key=lambda s: (s.value, -s.size))
+    return elf
+
+
+def _read_symbols(label: str, data: bytes, symtab_raw: object, by_index: dict[int, Section],
+                  raw: list[object]) -> list[Symbol]:
+    hdr = symtab_raw.header  # type: ignore[attr-defined]
+    if hdr["sh_entsize"] != xen_abi.ELF64_SYM_SIZE or hdr["sh_size"] % xen_abi.ELF64_SYM_SIZE:
+        raise ElfParseError(f"{label}: bad symbol table entry size")
+    strtab = raw[hdr["sh_link"]] if hdr["sh_link"] < len(raw) else None
+    if strtab is None or strtab.header["sh_type"] != "SHT_STRTAB":  # type: ignore[attr-defined]
+        raise ElfParseError(f"{label}: symbol table has no string table")
+    strings = data[strtab.header["sh_offset"]:strtab.header["sh_offset"]  # type: ignore
+                   + strtab.header["sh_size"]]  # type: ignore[attr-defined]
+    body = data[hdr["sh_offset"]:hdr["sh_offset"] + hdr["sh_size"]]
+    out: list[Symbol] = []
+    current_file = ""
+    for i, (st_name, st_info, st_other, st_shndx, st_value, st_size) in enumerate(
+            struct.iter_unpack("<IBBHQQ", body)):
+        if st_name >= len(strings) and st_name:
+            raise ElfParseError(f"{label}: symbol {i} name out of range")
+        end = strings.find(b"\0", st_name)
+        name = strings[st_name:end if end >= 0 else len(strings)].decode("utf-8", "replace")
+        stype, bind = st_info & 0xF, st_info >> 4
+        sec = None
+        if st_shndx == SHN_XINDEX:
+            raise ElfParseError(f"{label}: extended section indexes are not supported")
+        if SHN_UNDEF < st_shndx < SHN_LORESERVE:
+            sec = by_index.get(st_shndx)
+            if sec is None:
+                raise ElfParseError(f"{label}: symbol {name!r} in bad section {st_shndx}")
+        if stype == STT_FILE:
+            current_file = name
+        sym = Symbol(name=name, type=stype, bind=bind, other=st_other, sec=sec, value=st_value,
+                     size=st_size, shndx=st_shndx, file=current_file if bind == STB_LOCAL else "",
+                     index=i)
+        if sec is not None and i:
+            sec.symbols.append(sym)
+            if stype == STT_SECTION and sec.sym is None:
+                sec.sym = sym
+        out.append(sym)
+    return out
+
+
+def _read_relocs(label: str, rsec: Section, syms: list[Symbol]) -> list[Reloc]:
+    out = []
+    for r_offset, r_info, r_addend in struct.iter_unpack("<QQq", rsec.data):
+        symi, rtype = r_info >> 32, r_info & 0xFFFFFFFF
+        if symi >= len(syms):
+            raise ElfParseError(f"{label}: {rsec.name}: relocation symbol {symi} out of range")
+        out.append(Reloc(offset=r_offset, type=rtype, sym=syms[symi], addend=r_addend))
+    out.sort(key=lambda r: r.offset)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+
+
+def _align(value: int, align: int) -> int:
+    return (value + align - 1) & ~(align - 1) if align > 1 else value
+
+
+class _StrTab:
+    def __init__(self) -> None:
+        self.buf = bytearray(b"\0")
+        self.index: dict[str, int] = {"": 0}
+
+    def add(self, text: str) -> int:
+        if text not in self.index:
+            self.index[text] = len(self.buf)
+            self.buf += text.encode() + b"\0"
+        return self.index[text]
+
+
+_GENERATED_TYPES = frozenset({SHT_SYMTAB, SHT_STRTAB, SHT_RELA, SHT_REL})
+
+
+def elf_bytes(elf: Elf) -> bytes:
+    """Serialise the model as an ET_REL ELF64 x86-64 object.
+
+    Layout: header, section contents in model order, ``.rela`` sections, ``.symtab``, ``.strtab``,
+    ``.shstrtab``, section header table.  Every section gets an offset of at least 64 (Xen rejects
+    offset 0 even for empty and NOBITS sections, spec §1.2).  Symbols: null, locals (FILE first,
+    then section symbols, then the rest in model order), then globals; ``sh_info`` of ``.symtab`` is
+    the first global's index, as the gABI requires.
+    """
+    # Tables are regenerated from the model; a read object's own tables are not content.
+    sections = [s for s in elf.sections if s.type not in _GENERATED_TYPES]
+    locals_ = [s for s in elf.symbols if s.bind == STB_LOCAL]
+    files = [s for s in locals_ if s.is_file]
+    secsyms = [s for s in locals_ if s.is_section]
+    others = [s for s in locals_ if not s.is_file and not s.is_section]
+    globals_ = [s for s in elf.symbols if s.bind != STB_LOCAL]
+    ordered = files + secsyms + others + globals_
+    sym_index = {id(s): i + 1 for i, s in enumerate(ordered)}
+    sec_index = {id(s): i + 1 for i, s in enumerate(sections)}
+    rela_secs = [s for s in sections if s.relocs]
+    n_content = len(sections)
+    rela_index = {id(s): n_content + 1 + i for i, s in enumerate(rela_secs)}
+    symtab_idx = n_content + len(rela_secs) + 1
+    strtab_idx, shstrtab_idx = symtab_idx + 1, symtab_idx + 2
+    shnum = shstrtab_idx + 1
+
+    strtab, shstrtab = _StrTab(), _StrTab()
+    symtab = bytearray(xen_abi.ELF64_SYM_SIZE)
+    for s in ordered:
+        if s.sec is not None:
+            if id(s.sec) not in sec_index:
+                raise ValueError(f"symbol {s.name} refers to a section not in the object")
+            shndx = sec_index[id(s.sec)]
+        else:
+            shndx = s.shndx
+        symtab += struct.pack("<IBBHQQ", strtab.add(s.name), (s.bind << 4) | s.type, s.other,
+                              shndx, s.value, s.size)
+    first_global = 1 + len(files) + len(secsyms) + len(others)
+
+    out = bytearray(xen_abi.ELF64_EHDR_SIZE)
+    headers: list[tuple[int, int, int, int, int, int, int, int, int, int]] = []
+
+    def place(body: bytes, align: int) -> int:
+        nonlocal out
+        pad = _align(len(out), max(align, 1)) - len(out)
+        out += b"\0" * pad
+        off = len(out)
+        out += body
+        return off
+
+    for sec in sections:
+        body = b"" if sec.is_nobits else bytes(sec.data)
+        if not sec.is_nobits and len(body) != sec.size:
+            raise ValueError(f"section {sec.name}: data length {len(body)} != size {sec.size}")
+        off = place(body, sec.addralign)
+        headers.append((shstrtab.add(sec.name), sec.type, sec.flags, 0, off, sec.size,
+                        sec.link, sec.info, sec.addralign, sec.entsize))
+    for sec in rela_secs:
+        body = bytearray()
+        for r in sorted(sec.relocs, key=lambda r: r.offset):
+            if id(r.sym) not in sym_index:
+                raise ValueError(f"relocation in {sec.name} refers to a symbol not in the object: "
+                                 f"{r.sym!r}")
+            body += struct.pack("<QQq", r.offset, (sym_index[id(r.sym)] << 32) | r.type, r.addend)
+        off = place(bytes(body), 8)
+        headers.append((shstrtab.add(".rela" + sec.name), SHT_RELA, SHF_INFO_LINK, 0, off,
+                        len(body), symtab_idx, sec_index[id(sec)], 8, xen_abi.ELF64_RELA_SIZE))
+    off = place(bytes(symtab), 8)
+    headers.append((shstrtab.add(".symtab"), SHT_SYMTAB, 0, 0, off, len(symtab), strtab_idx,
+                    first_global, 8, xen_abi.ELF64_SYM_SIZE))
+    off = place(bytes(strtab.buf), 1)
+    headers.append((shstrtab.add(".strtab"), SHT_STRTAB, 0, 0, off, len(strtab.buf), 0, 0, 1, 0))
+    name_off = shstrtab.add(".shstrtab")
+    off = place(bytes(shstrtab.buf), 1)
+    headers.append((name_off, SHT_STRTAB, 0, 0, off, len(shstrtab.buf), 0, 0, 1, 0))
+    assert len(headers) == shnum - 1 and all(rela_index)
+
+    shoff = _align(len(out), 8)
+    out += b"\0" * (shoff - len(out))
+    out += b"\0" * xen_abi.ELF64_SHDR_SIZE
+    for h in headers:
+        out += struct.pack("<IIQQQQIIQQ", *h)
+    ident = b"\x7fELF" + bytes([2, 1, 1, elf.osabi, 0]) + b"\0" * 7
+    struct.pack_into("<16sHHIQQQIHHHHHH", out, 0, ident, ET_REL, xen_abi.ELF_MACHINE_X86_64, 1,
+                     0, 0, shoff, elf.flags, xen_abi.ELF64_EHDR_SIZE, 0, 0,
+                     xen_abi.ELF64_SHDR_SIZE, shnum, shstrtab_idx)
+    return bytes(out)
+
+
+def write_atomic(path: str | os.PathLike[str], data: bytes, mode: int = 0o644) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder, then rename:
+    a failure never leaves a partial output behind."""
+    target = Path(path)
+    directory = target.parent if str(target.parent) else Path(".")
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.chmod(tmp, mode)
+        os.replace(tmp, target)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise

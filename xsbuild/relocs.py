@@ -1,0 +1,158 @@
+"""Normalise relocations: what does each one really point at?
+
+gcc and gas express most references to local things as *section symbol + addend*: a call to a
+static function is ``.text.helper - 4``, a string literal is ``.rodata.str1.1 + 0x1c - 4``, a
+``__read_mostly`` static is ``.data.read_mostly + 0x40 - 8``.  Comparing such relocations between
+two builds, or moving their targets into a payload, needs the *entity* they point at: a named
+symbol plus a delta, a string by its content, a merged constant by its bytes.
+
+The addend is not the target offset: for a PC-relative field inside an instruction the CPU adds
+the distance from the field to the end of the instruction, so the target is ``addend + (insn_end -
+r_offset)``.  That distance is 4 for most instructions but 5, 6 or 8 when an immediate follows the
+displacement (``movl $1, var(%rip)``: addend = var - 8), so it is measured by decoding the
+instruction with capstone rather than guessed.  Xen's bug frames pack the source line into the
+upper bits of their 32-bit displacement fields; their targets are the low ``BUG_DISP_WIDTH`` bits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+from xsbuild import xen_abi
+from xsbuild.elf import STT_FUNC, STT_NOTYPE, STT_OBJECT, STT_SECTION, Reloc, Section, Symbol
+
+# Field width written by each relocation type the payload may carry (spec §1.8).
+RELOC_WIDTH = {xen_abi.R_X86_64_64: 8, xen_abi.R_X86_64_PC32: 4, xen_abi.R_X86_64_PLT32: 4,
+               xen_abi.R_X86_64_NONE: 0, 10: 4, 11: 4, 24: 8, 9: 4, 41: 4, 42: 4, 3: 4}
+PC_RELATIVE = frozenset({xen_abi.R_X86_64_PC32, xen_abi.R_X86_64_PLT32, 24, 9, 41, 42})
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """What a relocation points at, independent of where things sit in their sections.
+
+    kind:
+      ``sym``    a named symbol (function/object, or an undefined one); ``delta`` is the addend
+                 relative to the symbol's start
+      ``string`` a NUL-terminated literal in a SHF_MERGE|SHF_STRINGS section, by ``content``;
+                 ``delta`` is relative to the string's first byte
+      ``const``  an ``entsize`` constant of a ``.rodata.cst<N>`` section, by ``content``
+      ``anon``   a place in ``section`` covered by no symbol (``.fixup``, replacement code, ...);
+                 ``delta`` is relative to the section start
+    """
+
+    kind: str
+    delta: int
+    sym: Symbol | None = None
+    content: bytes = b""
+    section: Section | None = None
+    start: int = 0  # the entity's offset inside its section (string/const/anon: where it begins)
+
+
+def field_width(rtype: int) -> int:
+    return RELOC_WIDTH.get(rtype, 4)
+
+
+def target_of(reloc: Reloc, pc_adjust: int = 0, real_offset: int | None = None) -> Target:
+    """Resolve ``reloc`` to the entity it designates.
+
+    ``pc_adjust`` is ``insn_end - r_offset`` for a PC-relative field inside an instruction (0 for
+    fields in data); ``real_offset``, when given, overrides the computed target offset (bug frames).
+    """
+    sym = reloc.sym
+    sec = sym.sec
+    named = sym.type in (STT_FUNC, STT_OBJECT) or (
+        sym.type == STT_NOTYPE and sym.name and not sym.name.startswith(".L"))
+    if sec is None or (named and not sec.is_string and not sec.is_merge_const):
+        return Target("sym", reloc.addend, sym=sym)
+    base = sym.value  # 0 for a section symbol; the label's offset for .LC<n> labels
+    where = base + (reloc.addend + pc_adjust if real_offset is None else real_offset)
+    field_value = base + reloc.addend  # what the addend designates, before the pc adjustment
+    if sec.is_string:
+        start = string_start(sec, where)
+        end = sec.data.find(b"\0", max(where, start))
+        content = sec.data[start:end + 1 if end >= 0 else len(sec.data)]
+        return Target("string", field_value - start, content=content, section=sec, start=start)
+    if sec.is_merge_const and sec.entsize:
+        start = max(0, where) // sec.entsize * sec.entsize
+        return Target("const", field_value - start,
+                      content=sec.data[start:start + sec.entsize], section=sec, start=start)
+    owner = symbol_at(sec, where)
+    if owner is not None:
+        return Target("sym", field_value - owner.value, sym=owner)
+    return Target("anon", field_value, section=sec)
+
+
+def string_start(sec: Section, offset: int) -> int:
+    offset = min(max(offset, 0), len(sec.data))
+    return sec.data.rfind(b"\0", 0, offset) + 1
+
+
+def symbol_at(sec: Section, offset: int) -> Symbol | None:
+    """The function/object symbol of ``sec`` covering ``offset``.
+
+    A reference just past the end of the last object of a section (``&array[N]``, a loop bound)
+    belongs to that object, as kpatch also decides; a zero-size symbol only owns its own offset.
+    """
+    best: Symbol | None = None
+    for s in sec.symbols:
+        if s.type == STT_SECTION or not s.name or s.name.startswith(".L"):
+            continue
+        if s.value <= offset < s.value + max(s.size, 1):
+            if best is None or s.size > best.size or s.type in (STT_FUNC, STT_OBJECT):
+                best = s
+    if best is None:
+        for s in sec.symbols:
+            if s.type in (STT_FUNC, STT_OBJECT) and s.size and s.value + s.size == offset:
+                return s
+    return best
+
+
+class InstructionEnds:
+    """Maps a relocation's offset inside a text section to ``insn_end - r_offset``.
+
+    Decodes lazily, once per (section, start) range, with capstone's lite API.
+    """
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple[int, int], dict[int, int]] = {}
+
+    def pc_adjust(self, sec: Section, start: int, end: int, r_offset: int, width: int) -> int:
+        key = (id(sec), start)
+        table = self._cache.get(key)
+        if table is None:
+            table = _decode_ends(bytes(sec.data[start:end]), start)
+            self._cache[key] = table
+        return table.get(r_offset, width) if table else width
+
+
+def _decode_ends(code: bytes, start: int) -> dict[int, int]:
+    """For every byte offset inside a decoded instruction: distance to that instruction's end."""
+    md = _disassembler()
+    ends: dict[int, int] = {}
+    pos = 0
+    while pos < len(code):
+        decoded = False
+        for addr, size, _mn, _ops in md.disasm_lite(code[pos:], start + pos):
+            for off in range(addr, addr + size):
+                ends[off] = addr + size - off
+            pos = addr + size - start
+            decoded = True
+        if not decoded:
+            pos += 1  # undecodable byte (data in text): skip it, fields there use the default
+    return ends
+
+
+@lru_cache(maxsize=1)
+def _disassembler():  # type: ignore[no-untyped-def]
+    import capstone
+
+    return capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
+
+
+def bug_frame_real_offset(addend: int) -> int:
+    """Target offset of a bug-frame displacement field: its low BUG_DISP_WIDTH bits, signed."""
+    width = xen_abi.BUG_DISP_WIDTH
+    low = addend & ((1 << width) - 1)
+    return low - (1 << width) if low & (1 << (width - 1)) else low

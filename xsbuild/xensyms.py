@@ -1,0 +1,153 @@
+"""The hypervisor's own symbol table, read from ``xen-syms``, named as Xen names them at run time.
+
+Xen's loader resolves a payload's undefined symbols (and ``funcs[].name`` when ``old_addr`` is 0)
+by exact string compare against the table that ``xen/tools/symbols`` builds into the hypervisor
+(spec §7): global symbols under their plain name, local ones as ``<STT_FILE>#<name>`` where the
+file is the most recent STT_FILE before the symbol in ``.symtab`` order.  With
+CONFIG_ENFORCE_UNIQUE_SYMBOLS the file is the source path relative to ``xen/``, for example
+``common/version.c#build_info``.  Absolute, undefined, file and section symbols are not in the
+table, nor names that start with ``$`` or contain ``_compiled.``.
+
+``xen-syms`` is large (3 MB, ~20,000 symbols); the symbol table is decoded with ``struct`` in one
+pass, the header and section table with pyelftools.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from xsbuild import xen_abi
+from xsbuild.errors import ElfParseError, UsageError
+
+_STT_SECTION, _STT_FILE = 3, 4
+_STB_LOCAL = 0
+_SHN_ABS = 0xFFF1
+
+
+@dataclass(frozen=True, slots=True)
+class XenSymbol:
+    name: str  # as stored in the hypervisor's table (statics as path#name)
+    addr: int
+    size: int
+    is_func: bool
+    is_local: bool
+
+
+class XenSymbols:
+    """Name -> symbol for one hypervisor build, plus its build-id and its code bytes."""
+
+    def __init__(self, path: str, build_id: bytes, symbols: dict[str, XenSymbol],
+                 text: list[tuple[int, bytes]]) -> None:
+        self.path = path
+        self.build_id = build_id
+        self.by_name = symbols
+        self._text = text  # (start address, bytes) of each SHF_ALLOC PROGBITS section
+
+    def lookup(self, name: str) -> XenSymbol | None:
+        return self.by_name.get(name)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.by_name
+
+    def read(self, addr: int, length: int) -> bytes:
+        """Bytes of the hypervisor image at ``addr`` (b"" when not in a loaded section)."""
+        for start, body in self._text:
+            if start <= addr and addr + length <= start + len(body):
+                return body[addr - start:addr - start + length]
+        return b""
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> XenSymbols:
+        label = str(path)
+        try:
+            data = Path(path).read_bytes()
+        except OSError as exc:
+            raise UsageError(f"{label}: cannot read xen-syms: {exc.strerror or exc}") from exc
+        if data[:4] != b"\x7fELF" or len(data) < 64 or data[4] != 2:
+            raise ElfParseError(f"{label}: not an ELF64 file (need the hypervisor's xen-syms)")
+        try:
+            return _parse(label, data)
+        except (ElfParseError, UsageError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - malformed input from pyelftools
+            raise ElfParseError(f"{label}: malformed xen-syms: {type(exc).__name__}: {exc}") \
+                from exc
+
+
+def _parse(label: str, data: bytes) -> XenSymbols:
+    from elftools.elf.elffile import ELFFile
+
+    ef = ELFFile(io.BytesIO(data))
+    symtab = ef.get_section_by_name(".symtab")
+    if symtab is None:
+        raise ElfParseError(f"{label}: no .symtab: need the unstripped xen-syms (Debian: the "
+                            "-dbg package's /usr/lib/debug/boot/xen-syms-*)")
+    note = ef.get_section_by_name(xen_abi.SEC_BUILD_ID)
+    build_id = parse_build_id_note(note.data()) if note is not None else b""
+    if not build_id:
+        raise ElfParseError(f"{label}: no GNU build-id note; livepatch needs a hypervisor built "
+                            "with a build-id")
+    strtab = ef.get_section(symtab["sh_link"])
+    strings = strtab.data()
+    alloc = {i for i in range(ef.num_sections())
+             if ef.get_section(i)["sh_flags"] & 0x2}
+    text = [(s["sh_addr"], s.data()) for s in ef.iter_sections()
+            if s["sh_flags"] & 0x4 and s["sh_type"] == "SHT_PROGBITS"]
+    symbols: dict[str, XenSymbol] = {}
+    current_file = ""
+    body = symtab.data()
+    for st_name, st_info, _other, st_shndx, st_value, st_size in struct.iter_unpack(
+            "<IBBHQQ", body):
+        end = strings.find(b"\0", st_name)
+        name = strings[st_name:end].decode("utf-8", "replace")
+        stype, bind = st_info & 0xF, st_info >> 4
+        if stype == _STT_FILE:
+            current_file = name
+            continue
+        if (stype == _STT_SECTION or not name or st_shndx == 0 or st_shndx == _SHN_ABS
+                or st_shndx not in alloc or name.startswith("$") or "_compiled." in name):
+            continue
+        is_local = bind == _STB_LOCAL
+        full = f"{current_file}#{name}" if is_local else name
+        symbols.setdefault(full, XenSymbol(full, st_value, st_size, stype == 2, is_local))
+    return XenSymbols(label, build_id, symbols, text)
+
+
+def parse_build_id_note(note: bytes) -> bytes:
+    """The descriptor of a GNU build-id note, or b"" if the note is not one (spec §1.6)."""
+    hdr = xen_abi.NOTE_HEADER
+    if len(note) <= hdr.size:
+        return b""
+    namesz, descsz, ntype = hdr.unpack_from(note)
+    if ntype != xen_abi.NT_GNU_BUILD_ID or namesz < 4 or descsz == 0:
+        return b""
+    if namesz + descsz > len(note) - hdr.size:
+        return b""
+    if note[hdr.size:hdr.size + namesz] != xen_abi.NOTE_NAME_GNU:
+        return b""
+    desc_off = hdr.size + ((namesz + 3) & ~3)
+    return note[desc_off:desc_off + descsz]
+
+
+def build_id_note(build_id: bytes) -> bytes:
+    """A GNU build-id note carrying ``build_id`` (the layout ``ld --build-id`` writes)."""
+    return (xen_abi.NOTE_HEADER.pack(len(xen_abi.NOTE_NAME_GNU), len(build_id),
+                                     xen_abi.NT_GNU_BUILD_ID)
+            + xen_abi.NOTE_NAME_GNU + build_id + b"\0" * (-len(build_id) % 4))
+
+
+def parse_build_id_arg(text: str) -> bytes:
+    """A build-id given on the command line as hex (``readelf -n`` / ``xl info`` form)."""
+    cleaned = text.strip().lower().removeprefix("0x").replace(":", "")
+    try:
+        value = bytes.fromhex(cleaned)
+    except ValueError:
+        raise UsageError(f"bad build-id {text!r}: expected hex digits, e.g. "
+                         "39a640e6f1412319235087391df9f1c5e13ae920") from None
+    if not value:
+        raise UsageError("empty build-id")
+    return value
