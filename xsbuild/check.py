@@ -9,10 +9,12 @@ Public interface (used by the CLI, the simulator and ``build``):
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from xsbuild import xen_abi
+from xsbuild.xensyms import XenSymbols, parse_build_id_note
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,8 +74,508 @@ class CheckReport:
         return self.problems[0].errno if self.problems else 0
 
 
-def check_payload(data: bytes, xen_syms: object | None = None,
+def check_payload(data: bytes, xen_syms: XenSymbols | None = None,
                   loaded: Iterable[PayloadInfo] = ()) -> CheckReport:
-    """Check payload bytes as Xen's UPLOAD would; ``loaded`` are payloads already uploaded
-    (their new symbols and build-ids take part in the -EEXIST checks)."""
-    raise NotImplementedError  # written in the core-compiler work
+    """Check payload bytes as Xen 4.17's UPLOAD would (spec §2 order).
+
+    ``xen_syms`` enables the checks that need the hypervisor (undefined symbols, funcs names,
+    ENDBR sizes, name clashes, xen_depends); ``loaded`` are payloads already uploaded (their new
+    symbols and build-ids take part in the -EEXIST checks).  Never raises on malformed input: every
+    problem becomes a :class:`Problem`.
+    """
+    checker = _Checker(data, xen_syms, list(loaded))
+    try:
+        checker.run()
+    except _Stop:
+        pass
+    except (struct.error, IndexError, ValueError, UnicodeDecodeError) as exc:
+        checker.fail(xen_abi.EINVAL, f"malformed ELF ({type(exc).__name__}: {exc})")
+    return checker.report
+
+
+class _Stop(Exception):
+    """The loader would stop here: later checks cannot run."""
+
+
+@dataclass(slots=True)
+class _Shdr:
+    index: int
+    name: str
+    type: int
+    flags: int
+    addr: int
+    offset: int
+    size: int
+    link: int
+    info: int
+    addralign: int
+    entsize: int
+
+    @property
+    def alloc(self) -> bool:
+        return bool(self.flags & _SHF_ALLOC)
+
+
+@dataclass(slots=True)
+class _Sym:
+    name: str
+    info: int
+    shndx: int
+    value: int
+    size: int
+
+
+_SHF_WRITE, _SHF_ALLOC, _SHF_EXEC, _SHF_MERGE = 1, 2, 4, 0x10
+_SHT_SYMTAB, _SHT_STRTAB, _SHT_RELA, _SHT_NOBITS, _SHT_REL = 2, 3, 4, 8, 9
+_SHN_UNDEF, _SHN_LORESERVE, _SHN_ABS, _SHN_COMMON = 0, 0xFF00, 0xFFF1, 0xFFF2
+_RELOC_WIDTH = {xen_abi.R_X86_64_64: 8, xen_abi.R_X86_64_PC32: 4, xen_abi.R_X86_64_PLT32: 4,
+                xen_abi.R_X86_64_NONE: 0}
+
+
+class _Checker:
+    def __init__(self, data: bytes, xs: XenSymbols | None, loaded: list[PayloadInfo]) -> None:
+        self.data = data
+        self.xs = xs
+        self.loaded = loaded
+        self.report = CheckReport(info=None)
+        self.info = PayloadInfo()
+        self.shdrs: list[_Shdr] = []
+        self.syms: list[_Sym] = []
+        self.symtab_index = 0
+
+    def fail(self, errno: int, message: str) -> None:
+        self.report.problems.append(Problem(errno, message))
+
+    def stop(self, errno: int, message: str) -> None:
+        self.fail(errno, message)
+        raise _Stop
+
+    def run(self) -> None:
+        self.check_size()
+        self.check_header()
+        self.read_sections()
+        self.read_symbols()
+        self.report.info = self.info
+        self.check_layout()
+        self.check_symbols()
+        self.check_relocations()
+        self.check_notes()
+        self.check_patching_sections()
+        self.check_funcs()
+        self.check_hooks()
+        self.check_arch_sections()
+        self.check_build_ids()
+        self.check_new_symbols()
+        self.info.safe_to_reapply = self.safe_to_reapply()
+
+    # -- §1.9, §1.1 ----------------------------------------------------------------------------
+    def check_size(self) -> None:
+        if not 0 < len(self.data) <= xen_abi.LIVEPATCH_MAX_SIZE:
+            self.stop(xen_abi.EINVAL, f"payload size {len(self.data)} is not in 1..2 MiB")
+
+    def check_header(self) -> None:
+        d = self.data
+        if len(d) < xen_abi.ELF64_EHDR_SIZE or d[:4] != b"\x7fELF":
+            self.stop(xen_abi.EINVAL, "not an ELF file (bad magic or shorter than a header)")
+        if d[4] != 2 or d[5] != 1:
+            self.stop(xen_abi.EOPNOTSUPP, "not ELF64 little-endian")
+        (e_type, e_machine, e_version, _entry, _phoff, e_shoff, _flags, _ehsize, _phentsize,
+         e_phnum, e_shentsize, e_shnum, e_shstrndx) = struct.unpack_from("<HHIQQQIHHHHHH", d, 16)
+        if e_machine != xen_abi.ELF_MACHINE_X86_64:
+            self.stop(xen_abi.EOPNOTSUPP, f"e_machine {e_machine} is not x86-64")
+        if e_version != 1 or d[6] != 1:
+            self.stop(xen_abi.EOPNOTSUPP, "ELF version is not EV_CURRENT")
+        if d[7] not in xen_abi.ELF_OSABI_ACCEPTED or d[8] != 0:
+            self.stop(xen_abi.EOPNOTSUPP, f"EI_OSABI {d[7]} / ABI version {d[8]} not accepted "
+                      "(GNU ld sets OSABI 3 for IFUNC or unique symbols)")
+        if e_type != 1:
+            self.stop(xen_abi.EOPNOTSUPP, f"e_type {e_type} is not ET_REL")
+        if e_phnum:
+            self.stop(xen_abi.EOPNOTSUPP, "has program headers")
+        if not e_shstrndx or e_shstrndx >= e_shnum:
+            self.stop(xen_abi.EINVAL, "bad e_shstrndx")
+        if e_shnum >= xen_abi.MAX_SECTIONS:
+            self.stop(xen_abi.EOPNOTSUPP, f"{e_shnum} sections: Xen takes fewer than 1024")
+        if e_shoff >= len(d):
+            self.stop(xen_abi.EINVAL, "e_shoff past the end of the file")
+        if e_shentsize < xen_abi.ELF64_SHDR_SIZE:
+            self.stop(xen_abi.EINVAL, "e_shentsize too small")
+        if (len(d) - e_shoff) // e_shentsize < e_shnum:
+            self.stop(xen_abi.EINVAL, "section header table truncated")
+        self.e_shoff, self.e_shentsize = e_shoff, e_shentsize
+        self.e_shnum, self.e_shstrndx = e_shnum, e_shstrndx
+
+    # -- §1.2 ----------------------------------------------------------------------------------
+    def read_sections(self) -> None:
+        raw = []
+        for i in range(self.e_shnum):
+            off = self.e_shoff + i * self.e_shentsize
+            raw.append(struct.unpack_from("<IIQQQQIIQQ", self.data, off))
+        for i, (name, stype, flags, addr, offset, size, link, info, align, ent) in \
+                enumerate(raw):
+            if i == 0:
+                self.shdrs.append(_Shdr(0, "", 0, 0, 0, 0, 0, 0, 0, 0, 0))
+                continue
+            if offset < xen_abi.ELF64_EHDR_SIZE:
+                self.stop(xen_abi.EINVAL, f"section {i} has sh_offset {offset} (< 64)")
+            if stype != _SHT_NOBITS and offset + size > len(self.data):
+                self.stop(xen_abi.EINVAL, f"section {i} extends past the end of the file")
+            if align and align & (align - 1):
+                self.stop(xen_abi.EOPNOTSUPP, f"section {i} alignment {align} is not a power "
+                          "of two")
+            if align and addr % align:
+                self.stop(xen_abi.EINVAL, f"section {i} sh_addr not aligned")
+            if stype == _SHT_NOBITS and flags & (_SHF_WRITE | _SHF_ALLOC) and \
+                    size > xen_abi.LIVEPATCH_MAX_SIZE:
+                self.stop(xen_abi.EINVAL, f"NOBITS section {i} larger than 2 MiB")
+            self.shdrs.append(_Shdr(i, "", stype, flags, addr, offset, size, link, info, align,
+                                    ent))
+        symtabs = [s for s in self.shdrs if s.type == _SHT_SYMTAB]
+        if len(symtabs) > 1:
+            self.stop(xen_abi.EOPNOTSUPP, "more than one symbol table")
+        if not symtabs:
+            self.stop(xen_abi.EINVAL, "no symbol table")
+        symtab = symtabs[0]
+        self.symtab_index = symtab.index
+        if symtab.link >= self.e_shnum:
+            self.stop(xen_abi.EINVAL, "symbol table sh_link out of range")
+        if not symtab.size or symtab.entsize < xen_abi.ELF64_SYM_SIZE or \
+                symtab.size % symtab.entsize:
+            self.stop(xen_abi.EINVAL, "bad symbol table size or entry size")
+        shstr = self._strtab(self.shdrs[self.e_shstrndx], ".shstrtab")
+        self.strtab = self._strtab(self.shdrs[symtab.link], "symbol string table")
+        for (name, *_rest), sh in zip(raw[1:], self.shdrs[1:], strict=True):
+            if name >= len(shstr):
+                self.stop(xen_abi.EINVAL, f"section {sh.index} name out of range")
+            sh.name = _cstr(shstr, name)
+
+    def _strtab(self, sh: _Shdr, what: str) -> bytes:
+        body = self.data[sh.offset:sh.offset + sh.size]
+        if sh.type != _SHT_STRTAB or not body or body[0] != 0 or body[-1] != 0:
+            self.stop(xen_abi.EINVAL, f"{what} is not a NUL-delimited SHT_STRTAB")
+        return body
+
+    def read_symbols(self) -> None:
+        sh = self.shdrs[self.symtab_index]
+        for i in range(sh.size // sh.entsize):
+            st_name, st_info, _o, st_shndx, st_value, st_size = struct.unpack_from(
+                "<IBBHQQ", self.data, sh.offset + i * sh.entsize)
+            if st_name >= len(self.strtab):
+                self.stop(xen_abi.EINVAL, f"symbol {i} name out of range")
+            self.syms.append(_Sym(_cstr(self.strtab, st_name), st_info, st_shndx, st_value,
+                                  st_size))
+
+    # -- §1.3 ----------------------------------------------------------------------------------
+    def check_layout(self) -> None:
+        for sh in self.shdrs[1:]:
+            if not sh.alloc:
+                continue
+            if sh.flags & _SHF_WRITE and sh.flags & _SHF_EXEC:
+                self.fail(xen_abi.EOPNOTSUPP, f"section {sh.name} is both writable and "
+                          "executable")
+            if sh.addralign == 0:
+                self.fail(xen_abi.EINVAL, f"section {sh.name} has alignment 0: Xen accepts it "
+                          "but lays it out at offset 0, overlapping other sections")
+
+    # -- §1.7 ----------------------------------------------------------------------------------
+    def _resolve(self, name: str) -> int:
+        if self.xs is not None:
+            x = self.xs.lookup(name)
+            if x is not None:
+                return x.addr
+        for p in self.loaded:
+            if name in p.new_symbols:
+                return 1  # a loaded payload's symbol: resolvable, address unknown offline
+        return 0
+
+    def check_symbols(self) -> None:
+        for i, s in enumerate(self.syms[1:], 1):
+            if s.shndx == _SHN_COMMON:
+                self.fail(xen_abi.EINVAL, f"common symbol {s.name} (compile with -fno-common)")
+            elif s.shndx == _SHN_UNDEF:
+                if not s.name:
+                    continue
+                self.info.undefined_symbols.append(s.name)
+                if (self.xs is not None or self.loaded) and not self._resolve(s.name):
+                    self.fail(xen_abi.ENOENT, f"unknown symbol {s.name}: not in the "
+                              "hypervisor's table" + (" nor in a loaded payload"
+                                                      if self.loaded else ""))
+            elif s.shndx >= _SHN_LORESERVE and s.shndx != _SHN_ABS:
+                self.fail(xen_abi.EOPNOTSUPP, f"symbol {i} ({s.name}) has reserved section "
+                          f"index {s.shndx:#x}")
+            elif s.shndx < _SHN_LORESERVE and s.shndx >= self.e_shnum:
+                self.fail(xen_abi.EINVAL, f"symbol {s.name} in section {s.shndx} out of range")
+
+    # -- §1.8 ----------------------------------------------------------------------------------
+    def check_relocations(self) -> None:
+        for sh in self.shdrs[1:]:
+            if sh.type not in (_SHT_RELA, _SHT_REL):
+                continue
+            if sh.info >= self.e_shnum or not self.shdrs[sh.info].alloc or not sh.size:
+                continue
+            target = self.shdrs[sh.info]
+            if sh.type == _SHT_REL:
+                self.fail(xen_abi.EOPNOTSUPP, f"{sh.name}: SHT_REL relocations are not "
+                          "supported")
+                continue
+            if sh.link != self.symtab_index:
+                self.fail(xen_abi.EINVAL, f"{sh.name}: sh_link is not the symbol table")
+                continue
+            if sh.entsize < xen_abi.ELF64_RELA_SIZE or sh.size % sh.entsize:
+                self.fail(xen_abi.EINVAL, f"{sh.name}: bad entry size")
+                continue
+            for k in range(sh.size // sh.entsize):
+                r_offset, r_info, r_addend = struct.unpack_from(
+                    "<QQq", self.data, sh.offset + k * sh.entsize)
+                self._check_reloc(sh, target, r_offset, r_info >> 32, r_info & 0xFFFFFFFF,
+                                  r_addend)
+
+    def _check_reloc(self, sh: _Shdr, target: _Shdr, r_offset: int, symi: int, rtype: int,
+                     addend: int) -> None:
+        where = f"{sh.name}+{r_offset:#x}"
+        if symi == 0:
+            self.fail(xen_abi.EOPNOTSUPP, f"{where}: relocation against symbol 0")
+            return
+        if symi >= len(self.syms):
+            self.fail(xen_abi.EINVAL, f"{where}: symbol index {symi} out of range")
+            return
+        sym = self.syms[symi]
+        if rtype not in xen_abi.ACCEPTED_RELOC_TYPES:
+            self.fail(xen_abi.EOPNOTSUPP, f"{where}: unhandled relocation type "
+                      f"{xen_abi.reloc_type_name(rtype)} against {sym.name or 'a section'}")
+            return
+        if 0 < sym.shndx < _SHN_LORESERVE and sym.shndx < self.e_shnum and \
+                not self.shdrs[sym.shndx].alloc:
+            self.fail(xen_abi.EINVAL, f"{where}: relocation against {sym.name or 'section'} in "
+                      "a section that is not loaded")
+            return
+        if r_offset + _RELOC_WIDTH[rtype] > target.size:
+            self.fail(xen_abi.EINVAL, f"{where}: relocation past the end of {target.name}")
+            return
+        if rtype in (xen_abi.R_X86_64_PC32, xen_abi.R_X86_64_PLT32) and self.xs is not None \
+                and sym.shndx in (_SHN_UNDEF, _SHN_ABS):
+            addr = self._resolve(sym.name) if sym.shndx == _SHN_UNDEF else sym.value
+            base = self._payload_base()
+            if addr > 1 and base and not -(2**31) <= addr + addend - base < 2**31:
+                self.fail(xen_abi.EOVERFLOW, f"{where}: PC32 to {sym.name} out of reach of the "
+                          "livepatch area")
+
+    def _payload_base(self) -> int:
+        x = self.xs.lookup("__2M_rwdata_end") if self.xs is not None else None
+        return x.addr if x is not None else 0
+
+    # -- §1.4, §1.6 ----------------------------------------------------------------------------
+    def section(self, name: str) -> _Shdr | None:
+        return next((s for s in self.shdrs[1:] if s.name == name), None)
+
+    def body(self, sh: _Shdr) -> bytes:
+        return b"" if sh.type == _SHT_NOBITS else self.data[sh.offset:sh.offset + sh.size]
+
+    def check_notes(self) -> None:
+        for name, attr in ((xen_abi.SEC_DEPENDS, "depends"),
+                           (xen_abi.SEC_XEN_DEPENDS, "xen_depends"),
+                           (xen_abi.SEC_BUILD_ID, "build_id")):
+            sh = self.section(name)
+            if sh is None or not sh.size:
+                self.fail(xen_abi.EINVAL, f"{name} is missing or empty")
+                continue
+            if not sh.alloc:
+                self.fail(xen_abi.EINVAL, f"{name} is not SHF_ALLOC (Xen reads it in memory)")
+            desc = parse_build_id_note(self.body(sh))
+            if not desc:
+                self.fail(xen_abi.EINVAL, f"{name} is not a valid GNU build-id note")
+            setattr(self.info, attr, desc)
+
+    def check_patching_sections(self) -> None:
+        present = [self.section(n) for n in xen_abi.PATCHING_SECTIONS]
+        found = [s for s in present if s is not None]
+        if not found:
+            self.fail(xen_abi.EINVAL, "nothing to patch: no .livepatch.funcs and no hook section")
+        for s in found:
+            if not s.size:
+                self.fail(xen_abi.EINVAL, f"{s.name} is present but empty")
+
+    # -- §1.5 ----------------------------------------------------------------------------------
+    def _relocs_of(self, target: _Shdr) -> dict[int, tuple[_Sym, int, int]]:
+        out: dict[int, tuple[_Sym, int, int]] = {}
+        for sh in self.shdrs[1:]:
+            if sh.type == _SHT_RELA and sh.info == target.index and sh.entsize:
+                for k in range(sh.size // sh.entsize):
+                    r_offset, r_info, r_addend = struct.unpack_from(
+                        "<QQq", self.data, sh.offset + k * sh.entsize)
+                    if (r_info >> 32) < len(self.syms):
+                        out[r_offset] = (self.syms[r_info >> 32], r_info & 0xFFFFFFFF, r_addend)
+        return out
+
+    def _string_at(self, sym: _Sym, addend: int) -> str:
+        if sym.shndx == _SHN_UNDEF or sym.shndx >= len(self.shdrs):
+            return ""
+        body = self.body(self.shdrs[sym.shndx])
+        start = sym.value + addend
+        end = body.find(b"\0", start)
+        return body[start:end].decode("utf-8", "replace") if 0 <= start <= end else ""
+
+    def check_funcs(self) -> None:
+        sh = self.section(xen_abi.SEC_FUNCS)
+        if sh is None or not sh.size:
+            return
+        if sh.size % xen_abi.FUNC_SIZE:
+            self.fail(xen_abi.EINVAL, f"{sh.name} size {sh.size} is not a multiple of "
+                      f"{xen_abi.FUNC_SIZE}")
+            return
+        relocs = self._relocs_of(sh)
+        body = self.body(sh)
+        for off in range(0, sh.size, xen_abi.FUNC_SIZE):
+            (_name, new_addr, old_addr, new_size, old_size, version, _pad,
+             _expect) = xen_abi.FUNC_STRUCT.unpack_from(body, off)
+            name_rel = relocs.get(off + xen_abi.FUNC_OFF_NAME)
+            new_rel = relocs.get(off + xen_abi.FUNC_OFF_NEW_ADDR)
+            old_rel = relocs.get(off + xen_abi.FUNC_OFF_OLD_ADDR)
+            name = self._string_at(name_rel[0], name_rel[2]) if name_rel else ""
+            new_sym = new_rel[0].name if new_rel else ""
+            label = name or f"entry {off // xen_abi.FUNC_SIZE}"
+            if old_rel is not None and old_rel[0].shndx == _SHN_UNDEF:
+                old_addr = self._resolve(old_rel[0].name) + old_rel[2]
+            self.info.funcs.append(FuncInfo(name, new_sym, old_addr, new_size, old_size,
+                                            version))
+            if version != xen_abi.LIVEPATCH_PAYLOAD_VERSION:
+                self.fail(xen_abi.EOPNOTSUPP, f"{label}: version {version}, Xen needs "
+                          f"{xen_abi.LIVEPATCH_PAYLOAD_VERSION}")
+                continue
+            if old_size == 0:
+                self.fail(xen_abi.EINVAL, f"{label}: old_size is 0")
+                continue
+            if not old_addr and old_rel is None and self.xs is not None:
+                x = self.xs.lookup(name)
+                if x is None:
+                    self.fail(xen_abi.ENOENT, f"could not resolve old address of {label}")
+                    continue
+                old_addr = x.addr
+            is_nop = new_rel is None and not new_addr
+            if is_nop:
+                if new_size > xen_abi.OPAQUE_SIZE:
+                    self.fail(xen_abi.EOPNOTSUPP, f"{label}: NOP of {new_size} bytes (max 31)")
+                elif old_size < new_size:
+                    self.fail(xen_abi.EINVAL, f"{label}: NOP longer than the function")
+                continue
+            need = xen_abi.PATCH_INSN_SIZE
+            if self.xs is not None and old_addr:
+                head = self.xs.read(old_addr, xen_abi.ENDBR64_LEN)
+                if head in (xen_abi.ENDBR64, xen_abi.ENDBR64_POISON):
+                    need += xen_abi.ENDBR64_LEN
+            if old_size < need:
+                self.fail(xen_abi.EINVAL, f"{label}: old_size {old_size} is too small for the "
+                          f"{need}-byte jump")
+
+    # -- hooks and arch sections (§1.4) --------------------------------------------------------
+    def check_hooks(self) -> None:
+        for kind in xen_abi.HOOK_KINDS:
+            sh = self.section(xen_abi.HOOK_PREFIX + kind)
+            if sh is None:
+                continue
+            if kind in xen_abi.HOOK_ARRAY_KINDS:
+                if sh.size % xen_abi.HOOK_POINTER_SIZE:
+                    self.fail(xen_abi.EINVAL, f"{sh.name}: size {sh.size} is not a multiple of "
+                              "8")
+                    continue
+            elif sh.size != xen_abi.HOOK_POINTER_SIZE:
+                self.fail(xen_abi.EINVAL, f"{sh.name}: size {sh.size}, must be exactly 8")
+                continue
+            self.info.hooks[kind] = sh.size // xen_abi.HOOK_POINTER_SIZE
+
+    def check_arch_sections(self) -> None:
+        for name in xen_abi.BUG_FRAME_SECTIONS:
+            sh = self.section(name)
+            if sh is not None and sh.size % xen_abi.BUG_FRAME_SIZE:
+                self.fail(xen_abi.EINVAL, f"{name}: size not a multiple of "
+                          f"{xen_abi.BUG_FRAME_SIZE}")
+        ex = self.section(xen_abi.SEC_EX_TABLE)
+        if ex is not None and ex.size % xen_abi.EX_TABLE_ENTRY_SIZE:
+            self.fail(xen_abi.EINVAL, f"{ex.name}: size not a multiple of "
+                      f"{xen_abi.EX_TABLE_ENTRY_SIZE}")
+        mod = self.section(xen_abi.SEC_MODINFO)
+        if mod is not None:
+            body = self.body(mod)
+            if not body or body[-1] != 0:
+                self.fail(xen_abi.EINVAL, ".modinfo does not end with a NUL byte")
+            self.info.modinfo = body
+        self.check_alternatives()
+
+    def check_alternatives(self) -> None:
+        alt = self.section(xen_abi.SEC_ALTINSTRUCTIONS)
+        if alt is None or not alt.size:
+            return
+        if alt.size % xen_abi.ALT_INSTR_SIZE:
+            self.fail(xen_abi.EINVAL, f"{alt.name}: size not a multiple of "
+                      f"{xen_abi.ALT_INSTR_SIZE}")
+            return
+        repl = self.section(xen_abi.SEC_ALTINSTR_REPLACEMENT)
+        if repl is None:
+            self.fail(xen_abi.EINVAL, f"{alt.name} without {xen_abi.SEC_ALTINSTR_REPLACEMENT}")
+            return
+        relocs = self._relocs_of(alt)
+        body = self.body(alt)
+        for off in range(0, alt.size, xen_abi.ALT_INSTR_SIZE):
+            _o, _r, _cpuid, orig_len, repl_len, pad_len, _priv = struct.unpack_from(
+                xen_abi.ALT_INSTR_FORMAT, body, off)
+            where = f"{alt.name} entry {off // xen_abi.ALT_INSTR_SIZE}"
+            orig = relocs.get(off)
+            rrel = relocs.get(off + 4)
+            if orig is None or not self._in_text(orig[0], orig[2], orig_len):
+                self.fail(xen_abi.EINVAL, f"{where}: original instructions not in the payload's "
+                          "text")
+            if rrel is None or rrel[0].shndx != repl.index or \
+                    rrel[0].value + rrel[2] + repl_len > repl.size or rrel[0].value + rrel[2] < 0:
+                self.fail(xen_abi.EINVAL, f"{where}: replacement not inside "
+                          f"{xen_abi.SEC_ALTINSTR_REPLACEMENT}")
+            if repl_len > orig_len + pad_len or orig_len + pad_len > 254:
+                self.fail(xen_abi.EINVAL, f"{where}: replacement of {repl_len} bytes does not fit "
+                          f"{orig_len}+{pad_len}: Xen 4.17 would BUG() (crash the host) applying "
+                          "it")
+
+    def _in_text(self, sym: _Sym, addend: int, length: int) -> bool:
+        if not 0 < sym.shndx < len(self.shdrs):
+            return False
+        sh = self.shdrs[sym.shndx]
+        start = sym.value + addend
+        return bool(sh.flags & _SHF_EXEC) and sh.alloc and 0 <= start and \
+            start + length <= sh.size
+
+    # -- build-ids and new symbols (§1.6, §1.7) ------------------------------------------------
+    def check_build_ids(self) -> None:
+        if self.info.build_id and any(p.build_id == self.info.build_id for p in self.loaded):
+            self.fail(xen_abi.EEXIST, "a loaded payload has the same build-id")
+        if self.xs is not None and self.info.xen_depends and \
+                self.info.xen_depends != self.xs.build_id:
+            self.fail(xen_abi.EINVAL, f"check against hypervisor build-id failed: payload built "
+                      f"for {self.info.xen_depends.hex()}, hypervisor is "
+                      f"{self.xs.build_id.hex()}")
+
+    def check_new_symbols(self) -> None:
+        overriding = {f.new_symbol for f in self.info.funcs if f.new_symbol}
+        theirs = {n for p in self.loaded for n in p.new_symbols}
+        for s in self.syms[1:]:
+            if not s.name or not 0 < s.shndx < self.e_shnum:
+                continue
+            sh = self.shdrs[s.shndx]
+            if not sh.alloc or (s.name.startswith(".L") and sh.flags & _SHF_MERGE):
+                continue
+            if (s.info & 0xF) == 3:  # section symbols have no name in practice
+                continue
+            if s.name in overriding:
+                continue
+            self.info.new_symbols.append(s.name[:xen_abi.KSYM_NAME_LEN - 1])
+            if self.xs is not None and s.name in self.xs:
+                self.fail(xen_abi.EEXIST, f"duplicate new symbol {s.name}: the hypervisor has it")
+            elif s.name in theirs:
+                self.fail(xen_abi.EEXIST, f"duplicate new symbol {s.name}: a loaded payload has "
+                          "it")
+
+    def safe_to_reapply(self) -> bool:
+        writable = [s for s in self.shdrs[1:] if s.alloc and s.flags & _SHF_WRITE and s.size]
+        return not writable or (len(writable) == 1 and writable[0].name == xen_abi.SEC_FUNCS)
+
+
+def _cstr(table: bytes, offset: int) -> str:
+    end = table.find(b"\0", offset)
+    return table[offset:end if end >= 0 else len(table)].decode("utf-8", "replace")
