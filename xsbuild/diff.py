@@ -205,8 +205,8 @@ def diff_objects(orig: Elf, patched: Elf, *, label: str = "",
     check_inputs(orig, patched, label)
     ignored_secs = ignored_sections(patched)
     orig_units, patched_units = list_units(orig), list_units(patched)
-    correlate(orig_units, patched_units)
     ends = InstructionEnds()
+    correlate(orig_units, patched_units, ends)
     fingerprint_all(orig_units)
     fingerprint_all(patched_units)
     mark_ignored_functions(patched, patched_units)
@@ -228,8 +228,9 @@ def diff_objects(orig: Elf, patched: Elf, *, label: str = "",
 def check_inputs(orig: Elf, patched: Elf, label: str) -> None:
     of, pf = orig.file_symbols(), patched.file_symbols()
     if not pf:
-        raise InputMismatchError(f"{label}: no STT_FILE symbol (stripped object?); xsbuild needs "
-                                 "the compiler's object with its full symbol table")
+        raise InputMismatchError(f"{label}: no STT_FILE symbol: a stripped object, or assembly "
+                                 "without a .file directive; xsbuild needs the compiler's object "
+                                 "with its full symbol table")
     if of[:1] != pf[:1]:
         raise InputMismatchError(
             f"{label}: objects of different translation units: {of[0] if of else '(none)'!r} vs "
@@ -273,7 +274,7 @@ def list_units(elf: Elf) -> list[Unit]:
 # Step 3: correlation
 
 
-def correlate(orig: list[Unit], patched: list[Unit]) -> None:
+def correlate(orig: list[Unit], patched: list[Unit], ends: InstructionEnds) -> None:
     """Link every patched unit to its original twin where one exists.
 
     Funnel, widest unique match first: exact name (with locality and type) for everything but
@@ -285,7 +286,7 @@ def correlate(orig: list[Unit], patched: list[Unit]) -> None:
     for u in patched:
         u.side = "patched"
     _match_exact(orig, patched)
-    _match_static_locals(orig, patched)
+    _match_static_locals(orig, patched, ends)
     _match_demangled(orig, patched)
 
 
@@ -317,49 +318,80 @@ def _link(o: Unit, p: Unit) -> None:
     o.twin, p.twin = p, o
 
 
-def _users(units: list[Unit]) -> dict[int, list[Unit]]:
-    """Symbol id -> the units whose relocations reference it (directly or via section symbol)."""
-    users: dict[int, list[Unit]] = {}
-    for u in units:
-        for r in u.relocs():
-            t = target_of(r)
-            if t.kind == "sym" and t.sym is not None:
-                lst = users.setdefault(id(t.sym), [])
-                if u not in lst:
-                    lst.append(u)
-    return users
-
-
-def _match_static_locals(orig: list[Unit], patched: list[Unit]) -> None:
+def _match_static_locals(orig: list[Unit], patched: list[Unit], ends: InstructionEnds) -> None:
     """gcc numbers function-scope statics per translation unit (``count.0``, ``count.1``); a new
     static earlier in the file renumbers the old ones.  Match by base name among the statics used
-    by the twin of a function that uses the patched one."""
-    o_statics = [u for u in orig if _is_numbered_static(u)]
+    by the twin of a unit that uses the patched one; several of one base name in one user (two
+    ``warned`` flags of two ``printk_once`` in one function) by their order of first use.  Repeat
+    until nothing moves, since statics are also used by statics (``__setup_str`` by ``__setup``).
+    """
     p_statics = [u for u in patched if _is_numbered_static(u)]
     if not p_statics:
         return
-    o_users, p_users = _users(orig), _users(patched)
-    o_used_by: dict[int, list[Unit]] = {}
-    for o in o_statics:
-        for user in o_users.get(id(o.sym), []):
-            o_used_by.setdefault(id(user), []).append(o)
-    for p in p_statics:
-        base = _STATIC_LOCAL_RE.match(p.name).group("base")  # type: ignore[union-attr]
-        candidates: list[Unit] = []
-        for user in p_users.get(id(p.sym), []):
-            if user.twin is None:
-                continue
-            for o in o_used_by.get(id(user.twin), []):
-                if o.twin is None and o not in candidates and \
-                        _STATIC_LOCAL_RE.match(o.name).group("base") == base:  # type: ignore
-                    candidates.append(o)
-        if len(candidates) == 1:
-            _link(candidates[0], p)
-    # Statics used by no correlated function (e.g. only by data): fall back to the exact name.
-    left_o = {o.name: o for o in o_statics if o.twin is None}
-    for p in p_statics:
-        if p.twin is None and p.name in left_o and not p_users.get(id(p.sym)):
-            _link(left_o.pop(p.name), p)
+    o_uses, p_uses = _uses(orig, ends), _uses(patched, ends)
+    p_users = _invert(patched, p_uses)
+    progress = True
+    while progress:
+        progress = False
+        for p in p_statics:
+            if p.twin is None:
+                o = _static_twin(p, p_users, o_uses, p_uses)
+                if o is not None:
+                    _link(o, p)
+                    progress = True
+        # Statics nothing uses (a __setup entry found by walking its section): exact name.
+        left_o = {o.name: o for o in orig if _is_numbered_static(o) and o.twin is None}
+        for p in p_statics:
+            if p.twin is None and p.name in left_o and not p_users.get(id(p)):
+                _link(left_o.pop(p.name), p)
+                progress = True
+
+
+def _base(u: Unit) -> str:
+    m = _STATIC_LOCAL_RE.match(u.name)
+    return m.group("base") if m else u.name
+
+
+def _static_twin(p: Unit, p_users: dict[int, list[Unit]], o_uses: dict[int, list[Unit]],
+                 p_uses: dict[int, list[Unit]]) -> Unit | None:
+    for user in p_users.get(id(p), []):
+        if user.twin is None:
+            continue
+        mine = [s for s in p_uses[id(user)] if _is_numbered_static(s) and _base(s) == _base(p)]
+        theirs = [s for s in o_uses.get(id(user.twin), [])
+                  if _is_numbered_static(s) and _base(s) == _base(p)]
+        free = [o for o in theirs if o.twin is None or o.twin is p]
+        if len(free) == 1 and len(mine) - sum(s.twin is not None for s in mine) == 1:
+            return free[0]
+        if len(mine) == len(theirs):  # same statics in the same order of first use
+            o = theirs[mine.index(p)]
+            if o.twin is None:
+                return o
+    return None
+
+
+def _uses(units: list[Unit], ends: InstructionEnds) -> dict[int, list[Unit]]:
+    """Unit id -> the units it references, in order of first reference."""
+    by_sym = {id(u.sym): u for u in units}
+    uses: dict[int, list[Unit]] = {}
+    for u in units:
+        lst: list[Unit] = []
+        for _r, t in unit_targets(u, ends):
+            if t.kind == "sym" and t.sym is not None:
+                v = by_sym.get(id(t.sym))
+                if v is not None and v not in lst:
+                    lst.append(v)
+        uses[id(u)] = lst
+    return uses
+
+
+def _invert(units: list[Unit], uses: dict[int, list[Unit]]) -> dict[int, list[Unit]]:
+    """Unit id -> the units that reference it."""
+    users: dict[int, list[Unit]] = {}
+    for u in units:
+        for v in uses[id(u)]:
+            users.setdefault(id(v), []).append(u)
+    return users
 
 
 def _match_demangled(orig: list[Unit], patched: list[Unit]) -> None:
