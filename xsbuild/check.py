@@ -211,7 +211,7 @@ class _Checker:
         for i in range(self.e_shnum):
             off = self.e_shoff + i * self.e_shentsize
             raw.append(struct.unpack_from("<IIQQQQIIQQ", self.data, off))
-        for i, (name, stype, flags, addr, offset, size, link, info, align, ent) in \
+        for i, (_name, stype, flags, addr, offset, size, link, info, align, ent) in \
                 enumerate(raw):
             if i == 0:
                 self.shdrs.append(_Shdr(0, "", 0, 0, 0, 0, 0, 0, 0, 0, 0))
@@ -538,7 +538,7 @@ class _Checker:
             return False
         sh = self.shdrs[sym.shndx]
         start = sym.value + addend
-        return bool(sh.flags & _SHF_EXEC) and sh.alloc and 0 <= start and \
+        return bool(sh.flags & _SHF_EXEC) and sh.alloc and start >= 0 and \
             start + length <= sh.size
 
     # -- build-ids and new symbols (§1.6, §1.7) ------------------------------------------------

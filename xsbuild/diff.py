@@ -238,12 +238,10 @@ def check_inputs(orig: Elf, patched: Elf, label: str) -> None:
     for elf in (orig, patched):
         for sec in elf.sections:
             funcs = [s for s in sec.symbols if s.type == STT_FUNC]
-            if sec.name == ".text" and len(funcs) > 1 and any(s.name for s in funcs):
-                if all(s.sec is sec for s in funcs) and elf.section(".text." + funcs[0].name) \
-                        is None and _compiled_from_c(elf):
-                    raise InputMismatchError(
-                        f"{elf.path}: functions share section .text: build with "
-                        "-ffunction-sections -fdata-sections (Xen does with CONFIG_LIVEPATCH)")
+            if sec.name == ".text" and len(funcs) > 1 and _compiled_from_c(elf):
+                raise InputMismatchError(
+                    f"{elf.path}: functions share section .text: build with "
+                    "-ffunction-sections -fdata-sections (Xen does with CONFIG_LIVEPATCH)")
 
 
 def _compiled_from_c(elf: Elf) -> bool:
@@ -506,14 +504,13 @@ def classify(patched: list[Unit], ends: InstructionEnds) -> TwinNames:
 
 def first_difference(o: Unit, p: Unit, ends: InstructionEnds, twins: TwinNames) -> str:
     """Why ``p`` differs from its twin ``o``, in words; "" when they are the same."""
-    if o.sym.size != p.sym.size:
-        return f"size {o.sym.size:#x} -> {p.sym.size:#x}"
+    what = "code" if p.is_func else "contents"
     if o.fingerprint != p.fingerprint:
         ob, pb = _masked_body(o), _masked_body(p)
-        at = next((i for i, (a, b) in enumerate(zip(ob, pb, strict=True)) if a != b), None)
-        if at is not None:
-            return f"code differs at +{at:#x}" if p.is_func else f"contents differ at +{at:#x}"
-        return "code differs"
+        at = next((i for i, (a, b) in enumerate(zip(ob, pb, strict=False)) if a != b),
+                  min(len(ob), len(pb)))
+        size = f" (size {o.sym.size:#x} -> {p.sym.size:#x})" if o.sym.size != p.sym.size else ""
+        return f"{what} differs at +{at:#x}{size}"
     ok, pk = reloc_keys(o, ends, twins), reloc_keys(p, ends, twins)
     for a, b in zip(ok, pk, strict=False):
         if a != b:

@@ -13,6 +13,7 @@ module sees a pyelftools object.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import struct
@@ -34,6 +35,7 @@ STT_COMMON, STT_TLS, STT_GNU_IFUNC = 5, 6, 10
 STB_LOCAL, STB_GLOBAL, STB_WEAK, STB_GNU_UNIQUE = 0, 1, 2, 10
 SHN_UNDEF, SHN_LORESERVE, SHN_ABS, SHN_COMMON, SHN_XINDEX = 0, 0xFF00, 0xFFF1, 0xFFF2, 0xFFFF
 ET_REL = 1
+_MAX_NOBITS = 1 << 30  # a larger .bss is a corrupt header, not a hypervisor object
 
 _SHT_NAMES = {"SHT_NULL": 0, "SHT_PROGBITS": 1, "SHT_SYMTAB": 2, "SHT_STRTAB": 3, "SHT_RELA": 4,
               "SHT_HASH": 5, "SHT_DYNAMIC": 6, "SHT_NOTE": 7, "SHT_NOBITS": 8, "SHT_REL": 9,
@@ -97,8 +99,9 @@ class Reloc:
     addend: int
 
     def __repr__(self) -> str:
+        target = self.sym.name or (self.sym.sec.name if self.sym.sec else "?")
         return (f"<Reloc {xen_abi.reloc_type_name(self.type)} @{self.offset:#x} -> "
-                f"{self.sym.name or (self.sym.sec.name if self.sym.sec else '?')}{self.addend:+#x}>")
+                f"{target}{self.addend:+#x}>")
 
 
 @dataclass(slots=True, eq=False)
@@ -209,7 +212,7 @@ def read_elf(path: str | os.PathLike[str], data: bytes | None = None) -> Elf:
         return _parse(label, data)
     except ElfParseError:
         raise
-    except Exception as exc:  # noqa: BLE001 - pyelftools raises many types on malformed input
+    except Exception as exc:
         raise ElfParseError(f"{label}: malformed ELF: {type(exc).__name__}: {exc}") from exc
 
 
@@ -237,6 +240,8 @@ def _parse(label: str, data: bytes) -> Elf:
         if stype not in (SHT_NOBITS,) and hdr["sh_offset"] + hdr["sh_size"] > len(data):
             raise ElfParseError(f"{label}: section {rs.name} extends past the end of the file "
                                 "(truncated?)")
+        if stype == SHT_NOBITS and hdr["sh_size"] > _MAX_NOBITS:
+            raise ElfParseError(f"{label}: section {rs.name} claims {hdr['sh_size']} bytes")
         body = b"" if stype == SHT_NOBITS else data[hdr["sh_offset"]:hdr["sh_offset"]
                                                      + hdr["sh_size"]]
         sec = Section(name=rs.name, type=stype, flags=hdr["sh_flags"],
@@ -261,6 +266,8 @@ def _parse(label: str, data: bytes) -> Elf:
         if sec.entsize != xen_abi.ELF64_RELA_SIZE or sec.size % xen_abi.ELF64_RELA_SIZE:
             raise ElfParseError(f"{label}: {sec.name}: bad relocation entry size")
         target.relocs = _read_relocs(label, sec, syms)
+        if target.relocs and target.relocs[-1].offset + 4 > target.size and target.is_alloc:
+            raise ElfParseError(f"{label}: {sec.name}: relocation past the end of {target.name}")
     for sec in elf.sections:
         sec.symbols.sort(key=lambda s: (s.value, -s.size))
     return elf
@@ -298,6 +305,8 @@ def _read_symbols(label: str, data: bytes, symtab_raw: object, by_index: dict[in
         sym = Symbol(name=name, type=stype, bind=bind, other=st_other, sec=sec, value=st_value,
                      size=st_size, shndx=st_shndx, file=current_file if bind == STB_LOCAL else "",
                      index=i)
+        if sec is not None and stype != STT_SECTION and st_value + st_size > sec.size:
+            raise ElfParseError(f"{label}: symbol {name!r} extends past the end of {sec.name}")
         if sec is not None and i:
             sec.symbols.append(sym)
             if stype == STT_SECTION and sec.sym is None:
@@ -441,8 +450,6 @@ def write_atomic(path: str | os.PathLike[str], data: bytes, mode: int = 0o644) -
         os.chmod(tmp, mode)
         os.replace(tmp, target)
     except BaseException:
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
-        except OSError:
-            pass
         raise

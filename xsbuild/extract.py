@@ -226,7 +226,7 @@ class Extractor:
             return []
         starts = {target_of(r).delta for r in src.relocs if r.sym.sec is aux
                   and r.offset % spec.entry_size == spec.fragment_field}
-        return sorted(starts) + [aux.size]
+        return [*sorted(starts), aux.size]
 
     def _special_reference(self, spec: SpecialSection, src: Section, r: Reloc,
                            bounds: list[int]) -> tuple[Symbol, int] | None:

@@ -13,8 +13,16 @@ from __future__ import annotations
 import hashlib
 
 from xsbuild import __version__, xen_abi
-from xsbuild.elf import SHF_ALLOC, SHT_NOTE, SHT_PROGBITS, STT_SECTION, Elf, Section, Symbol, \
-    elf_bytes
+from xsbuild.elf import (
+    SHF_ALLOC,
+    SHT_NOTE,
+    SHT_PROGBITS,
+    STT_SECTION,
+    Elf,
+    Section,
+    Symbol,
+    elf_bytes,
+)
 from xsbuild.xensyms import build_id_note
 
 BUILD_ID_SIZE = 20  # SHA-1

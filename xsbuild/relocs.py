@@ -99,9 +99,9 @@ def symbol_at(sec: Section, offset: int) -> Symbol | None:
     for s in sec.symbols:
         if s.type == STT_SECTION or not s.name or s.name.startswith(".L"):
             continue
-        if s.value <= offset < s.value + max(s.size, 1):
-            if best is None or s.size > best.size or s.type in (STT_FUNC, STT_OBJECT):
-                best = s
+        covers = s.value <= offset < s.value + max(s.size, 1)
+        if covers and (best is None or s.size > best.size or s.type in (STT_FUNC, STT_OBJECT)):
+            best = s
     if best is None:
         for s in sec.symbols:
             if s.type in (STT_FUNC, STT_OBJECT) and s.size and s.value + s.size == offset:

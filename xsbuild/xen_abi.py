@@ -226,3 +226,15 @@ LIST_VERSION_RESTARTS = 4  # libxc restarts a LIST walk this often on a version 
 XEN_LIVEPATCH_ACTION_TIMEOUT_MAX_NS = 2**32 - 1  # action.timeout is a u32 of ns (about 4.29 s)
 # xen-livepatch prints rc != 0 after the state like this in `list` (spec §5)
 XEN_LIVEPATCH_LIST_NAME_WIDTH = 40
+
+# --------------------------------------------------------------------------------------------
+# Real-Xen e2e tests (tests/xen): XENVER_extraversion, which /sys/hypervisor/version/extra reads,
+# copies xen_extra_version() into a char[16] (xen_extraversion_t, xen/include/public/version.h
+# @4.17.5; not in the spec): a replacement string must be at most 15 characters to read back whole.
+XEN_EXTRAVERSION_LEN = 16
+
+# --------------------------------------------------------------------------------------------
+# Test fixtures (tests/support/image.py): where xen-syms is linked, so a fixture image can be
+# laid out at the hypervisor's own addresses.  Measured on Debian's xen-syms (first PT_LOAD and
+# .text at XEN_VIRT_START + 2 MiB; spec §0 names the file, the address is not in the spec).
+XEN_TEXT_START_X86_64 = 0xFFFF82D040200000

@@ -73,7 +73,7 @@ class XenSymbols:
             return _parse(label, data)
         except (ElfParseError, UsageError):
             raise
-        except Exception as exc:  # noqa: BLE001 - malformed input from pyelftools
+        except Exception as exc:
             raise ElfParseError(f"{label}: malformed xen-syms: {type(exc).__name__}: {exc}") \
                 from exc
 
