@@ -209,13 +209,14 @@ def diff_objects(orig: Elf, patched: Elf, *, label: str = "",
     correlate(orig_units, patched_units, ends)
     fingerprint_all(orig_units)
     fingerprint_all(patched_units)
-    mark_ignored_functions(patched, patched_units)
+    mark_ignored_functions(patched, patched_units, ignored_secs)
     twins = classify(patched_units, ends)
-    refused = find_refusals(label, patched_units, ignored_secs, set(allow_new_statics), ends,
-                            twins)
+    refused = find_refusals(label, patched_units, orig_units, ignored_secs,
+                            set(allow_new_statics), ends, twins)
     hooks = [s for s in patched.sections
              if s.name.startswith(xen_abi.HOOK_PREFIX) and s.size]
     included, notes = choose_included(patched_units, hooks, ends)
+    refused += unsupported_relocations(label, included)
     return DiffResult(object=label, orig=orig, patched=patched, units=patched_units,
                       included=included, hook_sections=hooks, refused=refused, notes=notes,
                       ends=ends)
@@ -489,7 +490,7 @@ def classify(patched: list[Unit], ends: InstructionEnds) -> TwinNames:
             u.status, u.reason = NEW, "new"
             continue
         if u.ignored:
-            u.status, u.reason = SAME, "ignored by .livepatch.ignore.functions"
+            u.status, u.reason = SAME, "ignored (.livepatch.ignore.functions/.sections)"
             continue
         u.reason = first_difference(u.twin, u, ends, twins)
         u.status = CHANGED if u.reason else SAME
@@ -549,7 +550,12 @@ def ignored_sections(patched: Elf) -> set[str]:
             _pointer_targets(patched, xen_abi.SEC_IGNORE_SECTIONS) if t.kind == "string"}
 
 
-def mark_ignored_functions(patched: Elf, units: list[Unit]) -> None:
+def mark_ignored_functions(patched: Elf, units: list[Unit], ignored_secs: set[str]) -> None:
+    """Units named in ``.livepatch.ignore.functions`` or living in a section named in
+    ``.livepatch.ignore.sections`` count as unchanged, whatever their bytes say."""
+    for u in units:
+        if u.sec.name in ignored_secs:
+            u.ignored = True
     by_sym = {id(u.sym): u for u in units}
     for t in _pointer_targets(patched, xen_abi.SEC_IGNORE_FUNCTIONS):
         if t.kind == "sym" and t.sym is not None and id(t.sym) in by_sym:
@@ -563,7 +569,7 @@ def mark_ignored_functions(patched: Elf, units: list[Unit]) -> None:
 # Step 5: refusals
 
 
-def find_refusals(label: str, units: list[Unit], ignored_secs: set[str],
+def find_refusals(label: str, units: list[Unit], orig: list[Unit], ignored_secs: set[str],
                   allow_new_statics: set[str], ends: InstructionEnds,
                   twins: TwinNames) -> list[str]:
     """Every reason the change cannot be live-patched (collected, not raised one by one)."""
@@ -583,33 +589,64 @@ def find_refusals(label: str, units: list[Unit], ignored_secs: set[str],
             problems.append(f"{where}: changed {kind} cannot be live-patched ({u.reason}): the "
                             "running hypervisor keeps the old value; use a new variable and a "
                             "load hook instead")
-    problems += _uncorrelated_statics(label, units, allow_new_statics, ends, twins)
+    problems += _uncorrelated_statics(label, units, orig, allow_new_statics, ends, twins)
     return problems
 
 
-def _uncorrelated_statics(label: str, units: list[Unit], allow: set[str],
+def _uncorrelated_statics(label: str, units: list[Unit], orig: list[Unit], allow: set[str],
                           ends: InstructionEnds, twins: TwinNames) -> list[str]:
-    """A static local used by a *changed* function but without an original twin would start
-    from zero in the payload while the old one keeps its state: refused unless allowed."""
+    """A static local used by a *changed* function but without an original twin starts from its
+    initial value in the payload while the old one keeps its state.  That is refused when some
+    old state could have been its twin: the changed function's original used a static that is
+    now left without a counterpart, or an uncorrelated old static has the same base name (a
+    rename or a correlation xsbuild could not make).  A static nothing old can claim (inlined
+    from a new function, say) is new.  ``--new-static`` accepts one explicitly."""
     problems = []
+    orphans = [o for o in orig if _is_numbered_static(o) and o.twin is None]
+    orphan_bases = {_base(o) for o in orphans}
     for u in units:
-        if u.status != CHANGED or not u.is_func:
+        if u.status != CHANGED or not u.is_func or u.twin is None:
             continue
+        lost = [o.name for o in orphans if _references(u.twin, o, ends)]
         for _r, t in unit_targets(u, ends):
             s = t.sym
             if t.kind != "sym" or s is None or s.sec is None or not s.is_local:
                 continue
-            if s.type != STT_OBJECT or not _STATIC_LOCAL_RE.match(s.name) \
-                    or is_special_static(s.name):
+            m = _STATIC_LOCAL_RE.match(s.name)
+            if s.type != STT_OBJECT or m is None or is_special_static(s.name):
                 continue
-            if not twins.names.get(id(s)) and s.name not in allow and \
-                    _STATIC_LOCAL_RE.match(s.name).group("base") not in allow:  # type: ignore
-                msg = (f"{label}: {s.sec.name}: {s.name}: static local used by changed function "
-                       f"{u.name} has no counterpart in the original object; its state would "
-                       f"restart from its initial value. If it is really new, allow it with "
-                       f"--new-static {s.name}")
-                if msg not in problems:
-                    problems.append(msg)
+            if twins.names.get(id(s)) or s.name in allow or m.group("base") in allow:
+                continue
+            if not lost and m.group("base") not in orphan_bases:
+                continue
+            why = (f"the original {u.name} used {', '.join(lost)}, which has no counterpart now"
+                   if lost else f"an old static {m.group('base')} has no counterpart")
+            msg = (f"{label}: {s.sec.name}: {s.name}: static local used by changed function "
+                   f"{u.name} has no counterpart in the original object ({why}); its state "
+                   f"would restart from its initial value. If it is really new, allow it with "
+                   f"--new-static {s.name}")
+            if msg not in problems:
+                problems.append(msg)
+    return problems
+
+
+def _references(u: Unit, target: Unit, ends: InstructionEnds) -> bool:
+    return any(t.kind == "sym" and t.sym is target.sym for _r, t in unit_targets(u, ends))
+
+
+def unsupported_relocations(label: str, included: list[Unit]) -> list[str]:
+    """Relocation types Xen's loader does not perform (spec §1.8) in anything the payload
+    carries: refused now, with the place, rather than at upload with -EOPNOTSUPP."""
+    problems = []
+    for u in included:
+        for r in u.relocs():
+            if r.type not in xen_abi.ACCEPTED_RELOC_TYPES:
+                target = r.sym.name or (r.sym.sec.name if r.sym.sec else "?")
+                problems.append(
+                    f"{label}: {u.sec.name}: {u.name}+{r.offset - u.sym.value:#x}: relocation "
+                    f"{xen_abi.reloc_type_name(r.type)} against {target}: Xen's loader performs "
+                    "only R_X86_64_64, PC32 and PLT32 (absolute 32-bit addresses cannot reach "
+                    "a payload; use RIP-relative addressing)")
     return problems
 
 

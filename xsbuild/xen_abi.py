@@ -219,7 +219,8 @@ STRUCT_SIZES = {"xen_sysctl": 136, "xen_sysctl_livepatch_op": 72, "xen_livepatch
 
 # --------------------------------------------------------------------------------------------
 # Apply tool / hypercall transport (issue 4; spec §4.1, §4.2, §5)
-# struct xen_build_id {u32 len; u8 buf[];}: XENVER_build_id's argument (xen/include/public/version.h)
+# struct xen_build_id {u32 len; u8 buf[];}: XENVER_build_id's argument
+# (xen/include/public/version.h)
 XEN_BUILD_ID_HEADER_SIZE = 4
 HYPERCALL_PRIVCMD_ARGS = 5  # struct privcmd_hypercall {u64 op; u64 arg[5];}: 48 bytes
 LIST_VERSION_RESTARTS = 4  # libxc restarts a LIST walk this often on a version change, then EBUSY

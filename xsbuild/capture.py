@@ -1,0 +1,692 @@
+"""Capture the objects a source patch changes, original and patched, without touching the tree.
+
+A built Xen tree records, for every object, the exact gcc line that made it
+(``xen/<dir>/.<name>.o.cmd``: ``cmd_<obj>``, ``source_<obj>``, ``deps_<obj>``).  Replaying that
+line, plus the ``objcopy --redefine-sym <file>.c=<dir>/<file>.c`` step that
+CONFIG_ENFORCE_UNIQUE_SYMBOLS adds after gcc (Rules.mk ``cmd_objcopy_fix_sym``, not recorded in
+the ``.cmd`` file), reproduces each object byte for byte (target-notes "The tree").  So a payload
+build never runs make:
+
+STEP 1  parse the patches: which files they touch, create or delete (:func:`parse_patch_files`).
+STEP 2  build a *shadow* of the tree in a scratch directory: real directories, symlinked files,
+        real copies of the touched files (:class:`Shadow`).  Nothing is ever written through a
+        symlink, so the user's tree stays exactly as it was, whatever fails later.
+STEP 3  ``patch --dry-run`` in the shadow: a patch that does not apply stops here.
+STEP 4  find the affected objects: a changed source, or a changed header through ``deps_``
+        (:meth:`TreeIndex.affected`); new ``.c`` files borrow a sibling's flags.
+STEP 5  compile the originals in the shadow and check each equals the tree's object (self-check:
+        proves the replay is faithful and the tree is up to date).
+STEP 6  apply the patches in the shadow, compile the patched objects with the same lines.
+STEP 7  compare: objects whose bytes did not change are dropped before the (costly) diff.
+
+Everything here is independent of the differ and linker, so it is tested on its own.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from xsbuild.errors import UnsupportedChangeError, UsageError
+
+# Called with one line of progress for the long steps (the CLI prints it on stderr).
+Progress = Callable[[str], None]
+
+# objcopy as Xen's Rules.mk calls it ($(OBJCOPY) = $(CROSS_COMPILE)objcopy; Debian sets no prefix).
+OBJCOPY = "objcopy"
+_CMD_LINE_RE = re.compile(r"^(cmd|source|deps)_(\S+)\s*:=\s*(.*)$")
+
+
+def _noop(_: str) -> None:
+    """Default progress sink."""
+
+
+# ------------------------------------------------------------------------------------------
+# The tree's .o.cmd files
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectCmd:
+    """How one object of the tree was made, from its ``.<name>.o.cmd`` file.
+
+    ``obj`` and every path are relative to the hypervisor directory (``xen/``), as make ran
+    there.  ``init_cmd`` is the shell line that turns ``foo.o`` into ``foo.init.o`` (objcopy
+    renaming data sections to ``.init.*``, Rules.mk ``cmd_obj_init_o``), when the tree links
+    ``foo.init.o`` instead of ``foo.o``.
+    """
+
+    obj: str
+    argv: tuple[str, ...]
+    source: str
+    deps: frozenset[str]
+    init_cmd: str | None = None
+
+    @property
+    def is_asm(self) -> bool:
+        return self.source.endswith(".S")
+
+    @property
+    def final(self) -> str:
+        """The object the hypervisor links (``foo.init.o`` for init-only objects)."""
+        return self.obj[: -len(".o")] + ".init.o" if self.init_cmd else self.obj
+
+    @property
+    def unique_symbols(self) -> bool:
+        """True when gcc wrote ``.<name>.o.tmp`` and make ran ``objcopy --redefine-sym``."""
+        out = _arg_after(self.argv, "-o")
+        return out is not None and out.endswith(".tmp")
+
+
+def _arg_after(argv: Iterable[str], flag: str) -> str | None:
+    args = list(argv)
+    for i, a in enumerate(args[:-1]):
+        if a == flag:
+            return args[i + 1]
+    return None
+
+
+def parse_cmd_file(text: str) -> dict[str, dict[str, str]]:
+    """Parse a Kbuild ``.cmd`` file into ``{target: {"cmd"|"source"|"deps": value}}``.
+
+    ``deps_`` spans backslash-continued lines; ``$(wildcard include/config/...)`` entries are
+    Kconfig pseudo-dependencies and are dropped by the caller.
+    """
+    joined = re.sub(r"\\\n", " ", text)
+    out: dict[str, dict[str, str]] = {}
+    for line in joined.splitlines():
+        m = _CMD_LINE_RE.match(line)
+        if m:
+            out.setdefault(m.group(2), {})[m.group(1)] = m.group(3).strip()
+    return out
+
+
+def _parse_deps(value: str) -> frozenset[str]:
+    without_wildcards = re.sub(r"\$\(wildcard [^)]*\)", " ", value)
+    return frozenset(os.path.normpath(d) for d in without_wildcards.split()
+                     if not d.startswith("$"))
+
+
+@dataclass(slots=True)
+class TreeIndex:
+    """Every compiled object of a built Xen tree and what it depends on.
+
+    ``linked`` holds the final objects that reach ``xen-syms``: the closure of ``prelink.o``'s
+    ``.cmd`` through each ``built_in.o`` and ``lib.a``.  An object outside it (the 32-bit boot
+    helpers under ``arch/x86/boot/``, say) is compiled by the build but never patched.
+    """
+
+    xen_dir: Path
+    objects: dict[str, ObjectCmd]
+    linked: frozenset[str]
+    recorded_top: str | None  # the tree's top as gcc saw it (the -ffile-prefix-map source)
+
+    @classmethod
+    def load(cls, xen_dir: Path) -> TreeIndex:
+        if not (xen_dir / "xen-syms").is_file() or not (xen_dir / ".config").is_file():
+            raise UsageError(f"{xen_dir} is not a built Xen tree (no xen-syms or .config)")
+        entries: dict[str, dict[str, str]] = {}
+        for dirpath, dirnames, filenames in os.walk(xen_dir):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            for name in filenames:
+                if name.startswith(".") and name.endswith(".cmd"):
+                    text = (Path(dirpath) / name).read_text(errors="replace")
+                    entries.update(parse_cmd_file(text))
+        objects = _objects_from_entries(entries)
+        if not objects:
+            raise UsageError(f"{xen_dir}: no .o.cmd files with compile lines; is it built?")
+        return cls(xen_dir, objects, _linked_closure(entries), _recorded_top(objects))
+
+    def affected(self, path: str) -> list[ObjectCmd]:
+        """Objects compiled from ``path`` or including it (paths relative to ``xen/``)."""
+        path = os.path.normpath(path)
+        return [o for o in self.objects.values() if o.source == path or path in o.deps]
+
+    def sibling_template(self, new_source: str) -> ObjectCmd:
+        """The compile line a new ``.c`` file gets: that of a C object in the same directory.
+
+        Kbuild gives every object of a directory the same flags except per-object ``CFLAGS-y``
+        additions, so the most common flag set of the directory's non-init objects is the one
+        a plain new file would get.
+        """
+        directory = os.path.dirname(new_source)
+        siblings = [o for o in self.objects.values()
+                    if os.path.dirname(o.source) == directory and o.source.endswith(".c")
+                    and not o.init_cmd and o.final in self.linked]
+        if not siblings:
+            raise UnsupportedChangeError(
+                [f"new source file {new_source}: no compiled C object in {directory or '.'}/ "
+                 "to take compile flags from"])
+        counts = Counter(_flags_signature(o) for o in siblings)
+        best = max(siblings, key=lambda o: (counts[_flags_signature(o)], o.obj))
+        return _retarget(best, new_source)
+
+
+def _objects_from_entries(entries: dict[str, dict[str, str]]) -> dict[str, ObjectCmd]:
+    objects: dict[str, ObjectCmd] = {}
+    for target, e in entries.items():
+        cmd, source = e.get("cmd"), e.get("source")
+        if not cmd or not source or not target.endswith(".o") or not source.endswith((".c", ".S")):
+            continue
+        argv = tuple(shlex.split(cmd))
+        if "-c" not in argv:
+            continue
+        init = entries.get(target[: -len(".o")] + ".init.o", {}).get("cmd")
+        objects[target] = ObjectCmd(target, argv, os.path.normpath(source),
+                                    _parse_deps(e.get("deps", "")), init)
+    return objects
+
+
+def _linked_closure(entries: dict[str, dict[str, str]]) -> frozenset[str]:
+    """Objects reachable from prelink.o through the ld -r / ar lines of the .cmd files."""
+    seen: set[str] = set()
+    todo = ["prelink.o"]
+    while todo:
+        target = todo.pop()
+        cmd = entries.get(target, {}).get("cmd", "")
+        for tok in cmd.replace(";", " ").split():
+            if tok.endswith((".o", ".a")) and tok != target and tok not in seen:
+                seen.add(tok)
+                todo.append(tok)
+    return frozenset(seen)
+
+
+def _recorded_top(objects: dict[str, ObjectCmd]) -> str | None:
+    for o in objects.values():
+        for a in o.argv:
+            for flag in ("-ffile-prefix-map=", "-fdebug-prefix-map="):
+                if a.startswith(flag) and a.endswith("=."):
+                    return a[len(flag):-2]
+    return None
+
+
+def _flags_signature(o: ObjectCmd) -> tuple[str, ...]:
+    """The flags of ``o`` with everything naming the object itself removed."""
+    stem = o.obj[: -len(".o")]
+    return tuple(a for a in o.argv if stem not in a and a not in ("-o", "-c", "-MF", "-MQ"))
+
+
+def _retarget(template: ObjectCmd, new_source: str) -> ObjectCmd:
+    """``template``'s compile line, rewritten to compile ``new_source`` into its own object."""
+    old_stem, new_stem = template.obj[: -len(".o")], new_source[: -len(".c")]
+    old_base, new_base = os.path.basename(old_stem), os.path.basename(new_stem)
+    pattern = re.compile(re.escape(os.path.dirname(old_stem)) + r"/\.?" + re.escape(old_base)
+                         + r"(?=\.)")
+
+    def fix(arg: str) -> str:
+        return pattern.sub(lambda m: m.group(0).replace(old_base, new_base), arg)
+
+    argv = tuple(fix(a) for a in template.argv)
+    return ObjectCmd(new_stem + ".o", argv, new_source, frozenset({new_source}))
+
+
+# ------------------------------------------------------------------------------------------
+# Patches
+
+
+@dataclass(frozen=True, slots=True)
+class PatchedFile:
+    """One file a patch touches, relative to the patch root (``-p1`` already stripped)."""
+
+    path: str
+    created: bool = False
+    deleted: bool = False
+
+
+def parse_patch_files(text: str, patch_name: str = "patch") -> list[PatchedFile]:
+    """Files touched by a unified diff (plain or ``git diff``), as ``patch -p1`` would see them.
+
+    Absolute paths and ``..`` are refused: the shadow must contain every file patch writes.
+    """
+    files: dict[str, PatchedFile] = {}
+    pending = False  # a "--- " header was seen and waits for its "+++ "
+    old: str | None = None
+    for line in text.splitlines():
+        if line.startswith("--- "):
+            old, pending = _patch_path(line[4:]), True
+        elif line.startswith("+++ ") and pending:
+            pending = False
+            new = _patch_path(line[4:])
+            path = new or old
+            if path is None:
+                raise UsageError(f"{patch_name}: a file header names /dev/null on both sides")
+            if path.startswith("/") or ".." in path.split("/"):
+                raise UsageError(f"{patch_name}: refusing to patch {path!r} outside the tree")
+            files[path] = PatchedFile(path, created=old is None, deleted=new is None)
+    if not files:
+        raise UsageError(f"{patch_name}: not a unified diff (no ---/+++ file headers)")
+    return list(files.values())
+
+
+def _patch_path(field_text: str) -> str | None:
+    """The path of a ---/+++ header with one leading component stripped (-p1)."""
+    name = field_text.split("\t")[0].strip()
+    if name.startswith('"') and name.endswith('"'):
+        name = name[1:-1]
+    if name == "/dev/null":
+        return None
+    parts = name.split("/", 1)
+    return os.path.normpath(parts[1] if len(parts) == 2 else parts[0])
+
+
+# ------------------------------------------------------------------------------------------
+# The shadow tree
+
+
+class Shadow:
+    """A scratch mirror of a source tree: real directories, symlinked files.
+
+    Files named in :meth:`materialize` become real copies, so ``patch`` can rewrite them.  All
+    directories under ``xen/`` are real, so a path such as ``include/xen/../foo.h`` never leaves
+    the shadow through a directory symlink; other top-level entries (``tools/``, ``docs/``) are
+    single symlinks, which patch never writes through because their files are materialized
+    first.
+    """
+
+    def __init__(self, src_top: Path, dst_top: Path, hyp_rel: str = "xen") -> None:
+        self.src = src_top
+        self.dst = dst_top
+        dst_top.mkdir(parents=True)
+        for entry in sorted(os.listdir(src_top)):
+            if entry != hyp_rel:
+                os.symlink(src_top / entry, dst_top / entry)
+        self._farm(src_top / hyp_rel, dst_top / hyp_rel)
+
+    @staticmethod
+    def _farm(src: Path, dst: Path) -> None:
+        for dirpath, dirnames, filenames in os.walk(src):
+            rel = os.path.relpath(dirpath, src)
+            out = dst / rel if rel != "." else dst
+            out.mkdir(exist_ok=True)
+            for name in filenames:
+                os.symlink(os.path.join(dirpath, name), out / name)
+            for name in list(dirnames):
+                if os.path.islink(os.path.join(dirpath, name)):
+                    os.symlink(os.readlink(os.path.join(dirpath, name)), out / name)
+                    dirnames.remove(name)
+
+    def materialize(self, rel: str) -> Path:
+        """Make ``rel`` (relative to the top) a real file in the shadow, creating real parents."""
+        path = self.real_parents(rel)
+        if path.is_symlink():
+            target = Path(os.readlink(path))
+            path.unlink()
+            if target.is_dir():
+                raise UsageError(f"the patch names {rel}, which is a directory in the tree")
+            shutil.copy2(target, path)
+        return path
+
+    def real_parents(self, rel: str) -> Path:
+        """Make every directory above ``rel`` a real directory of the shadow; return its path."""
+        parts = Path(rel).parts
+        cur = self.dst
+        for part in parts[:-1]:
+            nxt = cur / part
+            if nxt.is_symlink():
+                target = Path(os.readlink(nxt))
+                nxt.unlink()
+                nxt.mkdir()
+                for entry in os.listdir(target):
+                    os.symlink(target / entry, nxt / entry)
+            elif not nxt.exists():
+                nxt.mkdir()
+            cur = nxt
+        return cur / parts[-1]
+
+
+# ------------------------------------------------------------------------------------------
+# Compiling
+
+
+@dataclass(slots=True)
+class CompiledObject:
+    """One object compiled from the shadow: where it is, or why it failed."""
+
+    obj: str  # final object name, relative to xen/ (``common/foo.o``, ``common/bar.init.o``)
+    path: Path
+    error: str = ""
+    seconds: float = 0.0
+
+
+def compile_object(o: ObjectCmd, *, cwd: Path, out_dir: Path, new_top: Path | None,
+                   recorded_top: str | None) -> CompiledObject:
+    """Replay ``o``'s compile line in ``cwd`` (the shadow's ``xen/``), writing under ``out_dir``.
+
+    Output (``-o``) and dependency file (``-MF``) are redirected to ``out_dir`` so nothing is
+    written next to the sources; the prefix maps point at the shadow so ``__FILE__`` and friends
+    come out as they did in the tree.  Neither redirect changes the object's bytes (the
+    self-check proves it on every build).
+    """
+    start = time.monotonic()
+    final = out_dir / o.final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    raw = out_dir / (o.obj + ".raw")
+    argv = _rewrite_argv(o, raw, out_dir / (o.obj + ".d"), new_top, recorded_top)
+    run = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, check=False)
+    if run.returncode != 0:
+        return CompiledObject(o.final, final, _tail(run.stderr or run.stdout), _since(start))
+    plain = out_dir / o.obj
+    steps: list[list[str] | str] = []
+    if o.unique_symbols and not o.is_asm:
+        base = os.path.basename(o.source)
+        steps.append([OBJCOPY, f"--redefine-sym={base}={o.source}", str(raw), str(plain)])
+    else:
+        steps.append(["mv", "-f", str(raw), str(plain)])
+    if o.init_cmd:
+        steps.append(_init_cmd(o, plain, final))
+    for step in steps:
+        run = subprocess.run(step, cwd=cwd, shell=isinstance(step, str), capture_output=True,
+                             text=True, check=False)
+        if run.returncode != 0:
+            return CompiledObject(o.final, final, _tail(run.stderr or run.stdout), _since(start))
+    raw.unlink(missing_ok=True)
+    return CompiledObject(o.final, final, "", _since(start))
+
+
+def _rewrite_argv(o: ObjectCmd, out: Path, depfile: Path, new_top: Path | None,
+                  recorded_top: str | None) -> list[str]:
+    argv = list(o.argv)
+    for i, a in enumerate(argv[:-1]):
+        if a == "-o":
+            argv[i + 1] = str(out)
+        elif a == "-MF":
+            argv[i + 1] = str(depfile)
+    if new_top is not None and recorded_top:
+        argv = [a.replace(f"={recorded_top}=", f"={new_top}=") if "prefix-map=" in a else a
+                for a in argv]
+    return argv
+
+
+def _init_cmd(o: ObjectCmd, plain: Path, final: Path) -> str:
+    """The tree's ``foo.o -> foo.init.o`` shell line with both paths pointed at ``out``."""
+    assert o.init_cmd is not None
+    cmd = o.init_cmd.replace("$$", "$")  # .cmd files keep make's escaping of the shell's $
+    for old, new in ((o.final, final), (o.obj, plain)):
+        cmd = re.sub(r"(?<![\w/.-])" + re.escape(old) + r"(?![\w/.-])", shlex.quote(str(new)), cmd)
+    return cmd
+
+
+def _tail(text: str, lines: int = 12) -> str:
+    return "\n".join(text.strip().splitlines()[-lines:])
+
+
+def _since(start: float) -> float:
+    return round(time.monotonic() - start, 3)
+
+
+def compile_many(objs: list[ObjectCmd], *, cwd: Path, out_dir: Path, jobs: int,
+                 new_top: Path | None, recorded_top: str | None) -> list[CompiledObject]:
+    """Compile ``objs`` in parallel (gcc runs in subprocesses, so threads are enough)."""
+    def one(o: ObjectCmd) -> CompiledObject:
+        return compile_object(o, cwd=cwd, out_dir=out_dir, new_top=new_top,
+                              recorded_top=recorded_top)
+
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        return list(pool.map(one, objs))
+
+
+# ------------------------------------------------------------------------------------------
+# The capture driver
+
+
+@dataclass(slots=True)
+class CapturedObject:
+    """An object whose bytes the patch changed: the differ's two inputs."""
+
+    obj: str  # final object, relative to xen/
+    orig: Path
+    patched: Path
+    new: bool = False  # compiled from a source file the patch creates
+    reasons: list[str] = field(default_factory=list)  # the touched files that reach it
+
+
+@dataclass(slots=True)
+class CaptureResult:
+    """What :func:`capture` found; ``changed`` goes to the differ, the rest to the summary."""
+
+    changed: list[CapturedObject] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)  # recompiled, identical bytes
+    not_linked: list[str] = field(default_factory=list)  # affected but not part of xen-syms
+    ignored_files: list[str] = field(default_factory=list)  # touched, compiled into nothing
+    patched_files: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "changed_objects": [c.obj for c in self.changed],
+            "new_objects": [c.obj for c in self.changed if c.new],
+            "unchanged_objects": self.unchanged,
+            "not_linked_objects": self.not_linked,
+            "ignored_files": self.ignored_files,
+            "patched_files": self.patched_files,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class CaptureRequest:
+    """Inputs of :func:`capture`: a built tree, the patches in order, a scratch directory."""
+
+    top: Path  # the source tree's top (holds xen/)
+    patches: tuple[Path, ...]
+    workdir: Path  # must not exist yet; capture creates it (shadow/, orig/, patched/)
+    jobs: int = 2
+    self_check: bool = True
+
+
+def capture(req: CaptureRequest, index: TreeIndex | None = None,
+            progress: Progress = _noop) -> CaptureResult:
+    """Run STEPs 1-7 of the module docstring; raise on a patch that does not apply, a compile
+    error, a self-check mismatch or an unsupported kind of change (assembly sources)."""
+    t0 = time.monotonic()
+    result = CaptureResult()
+    xen_dir = req.top / "xen"
+    index = index or TreeIndex.load(xen_dir)
+    hyp_prefix = _hypervisor_prefix(req)
+    touched = _touched_files(req.patches, hyp_prefix)
+    result.patched_files = sorted(t.path for t in touched)
+
+    shadow = Shadow(req.top, req.workdir / "shadow")
+    for t in touched:
+        if not t.created:
+            if not (req.top / t.path).is_file():
+                raise UsageError(f"the patch modifies {t.path}, which is not in {req.top}")
+            shadow.materialize(t.path)
+        else:
+            shadow.real_parents(t.path)  # patch creates the file in a real directory
+    _apply_patches(req.patches, shadow.dst, hyp_prefix, dry_run=True)
+    result.timings["prepare"] = _since(t0)
+
+    plan = _plan(index, touched, result)
+    progress(f"compiling {len(plan)} object(s), original and patched (-j{req.jobs})")
+    t1 = time.monotonic()
+    orig = _compile_phase(plan, req, shadow, index, "orig", touched)
+    result.timings["compile_orig"] = _since(t1)
+    if req.self_check:
+        _self_check(plan, orig, index)
+    _apply_patches(req.patches, shadow.dst, hyp_prefix, dry_run=False)
+    t2 = time.monotonic()
+    patched = _compile_phase(plan, req, shadow, index, "patched", touched)
+    result.timings["compile_patched"] = _since(t2)
+    _compare(plan, orig, patched, result)
+    result.timings["capture_total"] = _since(t0)
+    return result
+
+
+def _hypervisor_prefix(req: CaptureRequest) -> str:
+    """``""`` when the patches are relative to the tree's top (XSA style: ``a/xen/common/...``),
+    ``"xen/"`` when they are relative to ``xen/`` itself, as some hand-made patches are."""
+    for patch in req.patches:
+        for t in parse_patch_files(_read_patch(patch), patch.name):
+            if t.path.startswith("xen/") or (not t.created and (req.top / t.path).exists()):
+                return ""
+            if (req.top / "xen" / t.path).exists():
+                return "xen/"
+    return ""
+
+
+def _read_patch(patch: Path) -> str:
+    try:
+        return patch.read_text(errors="replace")
+    except OSError as exc:
+        raise UsageError(f"cannot read patch {patch}: {exc.strerror}") from exc
+
+
+def _touched_files(patches: tuple[Path, ...], prefix: str) -> list[PatchedFile]:
+    """Every file any patch touches, relative to the top; later patches may touch new files."""
+    seen: dict[str, PatchedFile] = {}
+    for patch in patches:
+        for t in parse_patch_files(_read_patch(patch), patch.name):
+            path = prefix + t.path
+            prior = seen.get(path)
+            created = t.created if prior is None else prior.created
+            seen[path] = PatchedFile(path, created=created, deleted=t.deleted)
+    return list(seen.values())
+
+
+def _apply_patches(patches: tuple[Path, ...], shadow_top: Path, prefix: str, *,
+                   dry_run: bool) -> None:
+    """Apply (or try) every patch in order inside the shadow, refusing fuzz.
+
+    A dry run of patch N can only be trusted if patches 1..N-1 are in place, so for several
+    patches the dry run is done on a scratch copy of the materialized files.
+    """
+    root = shadow_top / prefix if prefix else shadow_top
+    if dry_run and len(patches) > 1:
+        scratch = shadow_top.parent / "dry-run"
+        shutil.copytree(shadow_top, scratch, symlinks=True)
+        try:
+            _apply_patches(patches, scratch, prefix, dry_run=False)
+        finally:
+            shutil.rmtree(scratch)
+        return
+    for patch in patches:
+        args = ["patch", "-p1", "--forward", "--batch", "--fuzz=0", "--no-backup-if-mismatch",
+                "-d", str(root), "-i", str(patch.resolve())]
+        if dry_run:
+            args.append("--dry-run")
+        run = subprocess.run(args, capture_output=True, text=True, check=False)
+        if run.returncode != 0:
+            raise UsageError(f"patch {patch.name} does not apply to the tree "
+                             f"(nothing was changed): {_first_failure(run.stdout + run.stderr)}")
+
+
+def _first_failure(text: str) -> str:
+    for line in text.splitlines():
+        if "FAILED" in line or "can't find" in line or "Reversed" in line or "malformed" in line:
+            return line.strip()
+    return _tail(text, 2).replace("\n", " ")
+
+
+@dataclass(slots=True)
+class _Planned:
+    cmd: ObjectCmd
+    new: bool
+    reasons: list[str]
+
+
+def _plan(index: TreeIndex, touched: list[PatchedFile], result: CaptureResult) -> list[_Planned]:
+    """Objects to compile, with the files that reach each; refuse what cannot be patched."""
+    plan: dict[str, _Planned] = {}
+    problems: list[str] = []
+    for t in touched:
+        rel = t.path[len("xen/"):] if t.path.startswith("xen/") else None
+        if rel is None:
+            result.ignored_files.append(t.path)  # tools/, docs/: not part of the hypervisor
+            continue
+        if t.created and rel.endswith(".c"):
+            cmd = index.sibling_template(rel)
+            plan[cmd.obj] = _Planned(cmd, True, [t.path])
+            continue
+        if t.created and rel.endswith(".S"):
+            problems.append(f"{t.path}: new assembly source files are not supported")
+            continue
+        objs = index.affected(rel)
+        if t.deleted and objs:
+            problems.append(f"{t.path}: deleting a source file cannot be live-patched")
+        for o in objs:
+            if o.final not in index.linked:
+                result.not_linked.append(o.final)
+            elif o.source == rel and o.is_asm:
+                problems.append(f"{t.path}: changes to assembly sources are not supported "
+                                f"({o.final}); move the fix into C or build the payload by hand")
+            else:
+                plan.setdefault(o.obj, _Planned(o, False, [])).reasons.append(t.path)
+        if not objs:
+            result.ignored_files.append(t.path)  # Makefile, Kconfig, a header nothing includes
+    if problems:
+        raise UnsupportedChangeError(problems)
+    result.not_linked = sorted(set(result.not_linked))
+    return sorted(plan.values(), key=lambda p: p.cmd.obj)
+
+
+def _compile_phase(plan: list[_Planned], req: CaptureRequest, shadow: Shadow, index: TreeIndex,
+                   phase: str, touched: list[PatchedFile]) -> dict[str, CompiledObject]:
+    """Compile every planned object in the shadow's current state (before or after patching).
+
+    A new source file does not exist before the patch: its "original" is compiled from an empty
+    file of the same name, so the differ sees an object with the same FILE symbol and nothing
+    in it, and every function of the patched one counts as new.
+    """
+    placeholders = []
+    if phase == "orig":
+        for p in plan:
+            if p.new:
+                path = shadow.dst / "xen" / p.cmd.source
+                path.write_text("")
+                placeholders.append(path)
+    try:
+        done = compile_many([p.cmd for p in plan], cwd=shadow.dst / "xen",
+                            out_dir=req.workdir / phase, jobs=req.jobs, new_top=shadow.dst,
+                            recorded_top=index.recorded_top)
+    finally:
+        for path in placeholders:
+            path.unlink()
+    failed = [c for c in done if c.error]
+    if failed:
+        what = "the unpatched tree" if phase == "orig" else "the patched tree"
+        first = failed[0]
+        raise UsageError(f"compiling {first.obj} failed in {what} "
+                         f"({len(failed)} object(s) failed):\n{first.error}")
+    return {c.obj: c for c in done}
+
+
+def _self_check(plan: list[_Planned], orig: dict[str, CompiledObject], index: TreeIndex) -> None:
+    """Each recompiled original must equal the tree's object, byte for byte."""
+    bad = []
+    for p in plan:
+        if p.new:
+            continue
+        tree_obj = index.xen_dir / p.cmd.final
+        if not tree_obj.is_file() or tree_obj.read_bytes() != orig[p.cmd.final].path.read_bytes():
+            bad.append(p.cmd.final)
+    if bad:
+        raise UsageError(
+            f"self-check failed: recompiling {', '.join(bad[:5])}"
+            f"{' and others' if len(bad) > 5 else ''} from the unpatched sources does not "
+            "reproduce the tree's object; the tree is not up to date with its sources or was "
+            "built with another compiler. Rebuild the base tree (make -C xen) and retry.")
+
+
+def _compare(plan: list[_Planned], orig: dict[str, CompiledObject],
+             patched: dict[str, CompiledObject], result: CaptureResult) -> None:
+    problems = []
+    for p in plan:
+        name = p.cmd.final
+        o, n = orig[name].path, patched[name].path
+        if o.read_bytes() == n.read_bytes():
+            result.unchanged.append(name)
+        elif p.cmd.is_asm:
+            problems.append(f"{name}: assembly object changed (through {', '.join(p.reasons)}); "
+                            "changes that reach assembly sources are not supported")
+        else:
+            result.changed.append(CapturedObject(name, o, n, p.new, p.reasons))
+    if problems:
+        raise UnsupportedChangeError(problems)

@@ -1,0 +1,242 @@
+"""``xsbuild upload/apply/revert/replace/unload/list/load``: drive the hypervisor's livepatch op.
+
+The same commands and meaning as Debian's ``xen-livepatch``, plus ``--json``, a bounded wait for
+completion, rendezvous timeouts under the user's control with growing retries, and errors that
+name the failed step, the payload's state now and what to do next.  Every command also runs
+against the simulator (``--backend sim --sim-state FILE``), which is how CI tests them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import click
+
+from xsbuild import apply as lp
+from xsbuild import xen_abi
+from xsbuild.cli import cli
+from xsbuild.errors import HypercallError, XsbuildError
+from xsbuild.hypercall import BACKENDS, Backend, BackendChoice, open_backend
+
+_BACKEND_HELP = """\b
+Where the hypervisor is:
+  auto     privcmd when /dev/xen/privcmd exists (default)
+  privcmd  this dom0's hypervisor, through /dev/xen/privcmd (root)
+  libxc    the same through Xen's libxenctrl.so (if installed)
+  sim      a simulated Xen 4.17 kept in --sim-state FILE
+The simulator's host can be made difficult through the environment:
+XSBUILD_SIM_CPU_DELAYS=0,5ms (CPU arrival delays: a late CPU makes the
+rendezvous time out), XSBUILD_SIM_POLLS=N (status checks before an action
+completes; -1 never), XSBUILD_SIM_WAITQUEUE=1, XSBUILD_SIM_INTERFACE=0x16."""
+
+
+@dataclass(frozen=True, slots=True)
+class CommonArgs:
+    """The options every command shares, typed at once."""
+
+    backend: BackendChoice
+    json: bool
+
+
+@dataclass(frozen=True, slots=True)
+class TimingArgs:
+    """The options of commands that run an action."""
+
+    timeout: str
+    retries: int
+    timeout_start: str
+    wait: float
+
+    def options(self, nodeps: bool = False) -> lp.ActionOptions:
+        return lp.ActionOptions(timeout_ns=lp.parse_duration_ns(self.timeout),
+                                retries=self.retries,
+                                timeout_start_ns=lp.parse_duration_ns(self.timeout_start),
+                                wait_s=self.wait, nodeps=nodeps)
+
+
+def _common(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Backend selection and --json, shared by every command."""
+    decorators = [
+        click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True,
+                     envvar="XSBUILD_BACKEND", help="Which hypervisor to talk to (see below)."),
+        click.option("--sim-state", metavar="FILE", envvar="XSBUILD_SIM_STATE",
+                     help="Simulator state file (created on first use; env XSBUILD_SIM_STATE)."),
+        click.option("--sim-xen-syms", metavar="XEN_SYMS", type=click.Path(dir_okay=False),
+                     help="Create the simulator's hypervisor from this xen-syms (its build-id, "
+                          "and its symbols for upload checks)."),
+        click.option("--json", "as_json", is_flag=True,
+                     help="Print the result as JSON on stdout (errors still go to stderr)."),
+    ]
+    for deco in reversed(decorators):
+        func = deco(func)
+    return func
+
+
+def _timing(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Rendezvous timeout, retries and the completion wait."""
+    decorators = [
+        click.option("--timeout", default="30ms", show_default=True, metavar="DURATION",
+                     help="Longest time the hypervisor may hold every CPU waiting for the "
+                          "rendezvous (guests stop meanwhile). 30ms, 500us, 1s or ns."),
+        click.option("--retries", type=click.IntRange(min=0), default=0, show_default=True,
+                     help="When the CPUs cannot be gathered in time (-EBUSY), try again this "
+                          "many times with timeouts that start at --timeout-start and double, "
+                          "never above --timeout."),
+        click.option("--timeout-start", default="1ms", show_default=True, metavar="DURATION",
+                     help="First rendezvous timeout when --retries is given."),
+        click.option("--wait", type=click.FloatRange(min=0, min_open=True),
+                     default=lp.DEFAULT_WAIT_S, show_default=True, metavar="SECONDS",
+                     help="How long to poll for an action to complete before giving up "
+                          "(the action stays pending in the hypervisor)."),
+    ]
+    for deco in reversed(decorators):
+        func = deco(func)
+    return func
+
+
+def _args(backend: str, sim_state: str | None, sim_xen_syms: str | None,
+          as_json: bool) -> CommonArgs:
+    return CommonArgs(BackendChoice(backend, sim_state, sim_xen_syms), as_json)
+
+
+def _with_backend(args: CommonArgs, work: Callable[[Backend], Any]) -> Any:
+    """Run ``work`` on the chosen backend.  With --json a failure is also printed as a JSON
+    object on stdout (then raised as usual: one line on stderr, the class's exit code)."""
+    try:
+        backend = open_backend(args.backend)
+        try:
+            return work(backend)
+        finally:
+            backend.close()
+    except XsbuildError as exc:
+        if args.json:
+            errno_value = getattr(exc, "errno_value", 0)
+            click.echo(json.dumps({"error": str(exc), "exit_code": exc.return_code,
+                                   "errno": xen_abi.errno_name(errno_value)
+                                   if errno_value else None}, indent=2))
+        raise
+
+
+def _emit(args: CommonArgs, text: str, data: object) -> None:
+    if args.json:
+        click.echo(json.dumps(data, indent=2))
+    else:
+        click.echo(text)
+
+
+def _action_text(res: lp.ActionResult) -> str:
+    action = lp.ACTIONS[res.action]
+    if not res.changed:
+        return f"{res.name}: no action needed ({res.state_after})."
+    tries = "" if len(res.attempts) < 2 else f" after {len(res.attempts)} attempts"
+    timeout = lp.format_ns(res.attempts[-1].timeout_ns) if action.asynchronous else ""
+    detail = f" (rendezvous timeout {timeout}{tries})" if timeout else ""
+    return f"{action.verb} {res.name}... completed: {res.state_after}{detail}."
+
+
+_EPILOG = """\b
+Exit codes: 0 done (or nothing to do), 1 refused by the hypervisor,
+2 bad usage, 4 hypervisor busy (CPUs not gathered in time, another action
+pending): the same command may succeed later, e.g. with --retries."""
+
+
+def _action_command(key: str, summary: str, nodeps: bool = False) -> None:
+    """Register ``xsbuild <key> NAME`` running :data:`xsbuild.apply.ACTIONS` ``[key]``."""
+
+    @click.argument("name")
+    @_timing
+    @_common
+    def command(name: str, backend: str, sim_state: str | None, sim_xen_syms: str | None,
+                as_json: bool, timeout: str, retries: int, timeout_start: str, wait: float,
+                nodeps: bool = False) -> None:
+        args = _args(backend, sim_state, sim_xen_syms, as_json)
+        opts = TimingArgs(timeout, retries, timeout_start, wait).options(nodeps)
+        res = _with_backend(args, lambda b: lp.run_action(b, key, name, opts))
+        _emit(args, _action_text(res), res.to_json())
+
+    if nodeps:
+        command = click.option(
+            "--nodeps", is_flag=True,
+            help="Skip the .livepatch.depends check (the payload it was built on top of "
+                 "need not be the last one applied).")(command)
+    command.__doc__ = summary
+    cli.command(key, help=summary + "\n\n" + _BACKEND_HELP, epilog=_EPILOG)(command)
+
+
+_action_command("apply", "Apply the uploaded payload NAME (CHECKED -> APPLIED).\n\n"
+                "Its .livepatch.depends must match the hypervisor's build-id, or the payload "
+                "applied last. The hypervisor patches while every CPU is held in a rendezvous; "
+                "--timeout bounds how long.", nodeps=True)
+_action_command("revert", "Revert the applied payload NAME (APPLIED -> CHECKED).\n\n"
+                "Only the most recently applied payload can be reverted.")
+_action_command("replace", "Revert every applied payload, newest first, then apply NAME.\n\n"
+                "NAME's .livepatch.depends must be the hypervisor's build-id; payloads with "
+                "pre/post hooks veto it.")
+_action_command("unload", "Unload the CHECKED payload NAME (revert it first if APPLIED).")
+
+
+@cli.command("upload", epilog=_EPILOG)
+@click.argument("name")
+@click.argument("file", type=click.Path(dir_okay=False))
+@_common
+def upload_cmd(name: str, file: str, backend: str, sim_state: str | None,
+               sim_xen_syms: str | None, as_json: bool) -> None:
+    """Upload payload FILE under NAME; the hypervisor checks it and keeps it CHECKED.
+
+    Nothing is patched yet: `xsbuild apply NAME` does that.  `xsbuild check FILE` runs the
+    same checks offline.
+    """
+    args = _args(backend, sim_state, sim_xen_syms, as_json)
+    res = _with_backend(args, lambda b: lp.upload(b, name, file))
+    _emit(args, f"Uploading {file}... completed: {name} is CHECKED.", res.to_json())
+
+
+@cli.command("load", epilog=_EPILOG)
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--name", help="Payload name (default: FILE's basename without its extension).")
+@click.option("--nodeps", is_flag=True, help="Apply without the .livepatch.depends check.")
+@_timing
+@_common
+def load_cmd(file: str, name: str | None, nodeps: bool, backend: str, sim_state: str | None,
+             sim_xen_syms: str | None, as_json: bool, timeout: str, retries: int,
+             timeout_start: str, wait: float) -> None:
+    """Upload FILE and apply it; if the apply fails, unload it again.
+
+    The payload is named after the file, as `xen-livepatch load` does: fix.livepatch -> fix.
+    """
+    args = _args(backend, sim_state, sim_xen_syms, as_json)
+    opts = TimingArgs(timeout, retries, timeout_start, wait).options(nodeps)
+    up, res = _with_backend(args, lambda b: lp.load(b, file, opts, name=name))
+    text = f"Uploading {file}... completed.\n{_action_text(res)}"
+    _emit(args, text, {"upload": up.to_json(), "apply": res.to_json()})
+
+
+@cli.command("list", epilog=_EPILOG)
+@_common
+def list_cmd(backend: str, sim_state: str | None, sim_xen_syms: str | None,
+             as_json: bool) -> None:
+    """List loaded payloads in upload order: name, state, last error, metadata.
+
+    The table is that of `xen-livepatch list`; --json adds the hypervisor's build-id and
+    the sysctl interface version.
+    """
+    args = _args(backend, sim_state, sim_xen_syms, as_json)
+
+    def work(b: Backend) -> tuple[list[Any], dict[str, object]]:
+        entries = lp.list_payloads(b)
+        extra: dict[str, object] = {"backend": b.description,
+                                    "interface_version": hex(b.interface_version())}
+        if args.json:
+            try:
+                extra["build_id"] = b.build_id().hex()
+            except HypercallError as exc:
+                extra["build_id"] = None
+                extra["build_id_error"] = f"-{xen_abi.errno_name(exc.errno_value)}"
+        return entries, extra
+
+    entries, extra = _with_backend(args, work)
+    _emit(args, lp.format_list(entries),
+          {**extra, "payloads": [lp.entry_to_json(e) for e in entries]})

@@ -1,0 +1,115 @@
+"""``xsbuild build``: from a Xen source tree (or a Debian version) and patches to a payload."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from xsbuild.build import BuildOptions, build_payload
+from xsbuild.cli import cli
+from xsbuild.errors import UsageError, XsbuildError
+
+
+def _progress(line: str) -> None:
+    click.echo(f"xsbuild: {line}", err=True)
+
+
+def _build_id(value: str | None) -> bytes | None:
+    from xsbuild.xensyms import parse_build_id_arg
+
+    return parse_build_id_arg(value) if value else None
+
+
+@cli.command("build")
+@click.option("--srcdir", type=click.Path(file_okay=False, path_type=Path),
+              help="Xen source tree (its top, or its xen/); built once into the cache if needed.")
+@click.option("--debian", "debian_version", metavar="VERSION",
+              help="Use Debian's xen VERSION (e.g. 4.17.5+72-g01140da4e8-1): fetch the source "
+                   "and -dbg xen-syms, rebuild bit-identically once, cache it.")
+@click.option("--patch", "patches", multiple=True, required=True,
+              type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="Source patch (-p1, from the tree's top or from xen/); repeat for several, "
+                   "applied in order.")
+@click.option("--xen-syms", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="xen-syms of the running hypervisor (default with --debian: Debian's).")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Payload file to write.")
+@click.option("--depends", metavar="BUILD_ID",
+              help="Build-id this payload stacks on (default: the hypervisor's).")
+@click.option("--xen-depends", metavar="BUILD_ID",
+              help="Hypervisor build-id (default: that of --xen-syms).")
+@click.option("--name", help="Payload name (default: the first patch's file name).")
+@click.option("-j", "--jobs", type=click.IntRange(1, 256), default=os.cpu_count() or 1,
+              show_default=True, help="Parallel compiles and diffs.")
+@click.option("--prelink", is_flag=True, help="Resolve hypervisor symbols at build time.")
+@click.option("--no-self-check", is_flag=True,
+              help="Do not verify that recompiling the unpatched sources reproduces the tree's "
+                   "objects (faster, less safe).")
+@click.option("--new-static", "new_statics", multiple=True, metavar="NAME",
+              help="Accept NAME as a new static local (its state starts fresh); repeatable.")
+@click.option("--keep-workdir", is_flag=True, help="Keep the scratch directory (debugging).")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
+def build_cmd(srcdir: Path | None, debian_version: str | None, patches: tuple[Path, ...],
+              xen_syms: Path | None, output: Path, depends: str | None, xen_depends: str | None,
+              name: str | None, jobs: int, prelink: bool, no_self_check: bool,
+              new_statics: tuple[str, ...], keep_workdir: bool, as_json: bool) -> None:
+    """Build a live-patch payload from source patches, reusing the tree's built objects.
+
+    \b
+    xsbuild build --srcdir XEN_TREE --patch fix.patch --xen-syms xen-syms -o fix.livepatch
+    xsbuild build --debian 4.17.5+72-g01140da4e8-1 --patch fix.patch -o fix.livepatch
+
+    Writes OUTPUT and OUTPUT.log; the source tree is never modified.
+    """
+    try:
+        opts = _options(srcdir, debian_version, patches, xen_syms, output, depends, xen_depends,
+                        name, jobs, prelink, no_self_check, keep_workdir)
+        opts = dataclasses.replace(opts, new_statics=new_statics)
+        summary = build_payload(opts, _progress)
+    except XsbuildError as exc:
+        if as_json:
+            _print_failure(exc)
+        raise
+    if as_json:
+        json.dump(summary.to_json(), sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        click.echo(f"{summary.payload}: {summary.name}, build-id {summary.build_id.hex()}, "
+                   f"{len(summary.functions('changed_functions'))} changed and "
+                   f"{len(summary.functions('new_functions'))} new function(s) from "
+                   f"{len(summary.capture.changed)} object(s); log {summary.log}")
+
+
+def _options(srcdir: Path | None, debian_version: str | None, patches: tuple[Path, ...],
+             xen_syms: Path | None, output: Path, depends: str | None, xen_depends: str | None,
+             name: str | None, jobs: int, prelink: bool, no_self_check: bool,
+             keep_workdir: bool) -> BuildOptions:
+    if (srcdir is None) == (debian_version is None):
+        raise UsageError("give exactly one of --srcdir and --debian")
+    if debian_version is not None:
+        from xsbuild.debian import debian_base
+
+        base = debian_base(debian_version, jobs=jobs, progress=_progress)
+        srcdir, xen_syms = base.top, xen_syms or base.xen_syms
+    if xen_syms is None:
+        raise UsageError("--xen-syms is required with --srcdir (the running hypervisor's "
+                         "xen-syms, with symbols)")
+    assert srcdir is not None
+    return BuildOptions(srcdir=srcdir, patches=patches, xen_syms=xen_syms, output=output,
+                        depends=_build_id(depends), xen_depends=_build_id(xen_depends),
+                        name=name, jobs=jobs, prelink=prelink, self_check=not no_self_check,
+                        keep_workdir=keep_workdir)
+
+
+def _print_failure(exc: XsbuildError) -> None:
+    """With --json, a failed build still prints a summary: status, message and refusals."""
+    problems = getattr(exc, "problems", None)
+    doc = {"schema": "xsbuild.build/1", "status": type(exc).__name__, "error": str(exc),
+           "exit_code": exc.return_code, "refused": list(problems) if problems else []}
+    json.dump(doc, sys.stdout, indent=2)
+    sys.stdout.write("\n")
