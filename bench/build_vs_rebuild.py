@@ -23,9 +23,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from debian_tree import default_top, default_xen_syms
+
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_TREE = Path("/work/cache/xenbuild/xen-4.17.5+72-g01140da4e8")
-DEFAULT_SYMS = Path("/work/cache/xenbuild/ref/usr/lib/debug/boot/xen-syms-4.17-amd64")
+DEFAULT_TREE = default_top()
+DEFAULT_SYMS = default_xen_syms()
 DEFAULT_PATCH = REPO / "tests/xen/patches/01-changed-function.patch"
 
 

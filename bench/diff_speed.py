@@ -9,9 +9,9 @@ in the same run on the same machine: for each object,
 * ``diff-patch`` ``xsbuild diff orig.o patched.o -o out.o``, where the patched object comes from
   the same compile command on a source with one ``return -EINVAL;`` turned into ``-EFAULT``.
 
-Each figure is the best of ``--repeat`` runs (default 3).  Needs a built tree:
-``--tree`` or ``$XSBUILD_XEN_TREE`` (the ``xen/`` folder of a tree built by
-``../shared/harness/build-xen.sh``).
+Each figure is the best of ``--repeat`` runs (default 3).  Needs a built tree: by default the
+one ``xsbuild build --debian`` keeps in the cache (``bench/debian_tree.py``), or ``--tree`` (the
+``xen/`` folder of a built tree).
 
     python bench/diff_speed.py [--tree PATH] [--repeat N] [OBJ ...]
 """
@@ -19,7 +19,6 @@ Each figure is the best of ``--repeat`` runs (default 3).  Needs a built tree:
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
 import subprocess
 import sys
@@ -27,10 +26,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from debian_tree import default_top
+
 DEFAULT_OBJECTS = ("arch/x86/mm.o", "common/grant_table.o", "arch/x86/hvm/hvm.o",
                    "arch/x86/traps.o", "common/sched/core.o")
-DEFAULT_TREE = Path(os.environ.get("XSBUILD_XEN_TREE", "/work/cache/xenbuild/"
-                                   "xen-4.17.5+72-g01140da4e8/xen"))
+DEFAULT_TREE = default_top() / "xen"
 
 
 def compile_command(tree: Path, obj: str, source: Path, out: Path) -> list[str]:

@@ -24,7 +24,9 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-DEFAULT_TREE = Path("/work/cache/xenbuild/xen-4.17.5+72-g01140da4e8")
+from debian_tree import default_top
+
+DEFAULT_TREE = default_top()
 
 
 def tree_objects(top: Path) -> tuple[list[Path], int]:

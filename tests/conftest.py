@@ -15,6 +15,7 @@ if str(REPO) not in sys.path:  # make ``tests.support`` importable without a tes
 from tests.support.handmade import build_hypervisor  # noqa: E402
 from tests.support.image import Image  # noqa: E402
 from tests.support.toolchain import CC, Toolchain  # noqa: E402
+from tests.xen.debian_tree import DebianTree, get_tree  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -29,3 +30,10 @@ def toolchain(tmp_path_factory: pytest.TempPathFactory) -> Toolchain:
 def hypervisor(toolchain: Toolchain, tmp_path_factory: pytest.TempPathFactory) -> Image:
     """The small hand-made hypervisor (fixtures/handmade/version.c), runnable by the loader."""
     return build_hypervisor(toolchain, tmp_path_factory.mktemp("hv") / "xen-syms")
+
+
+@pytest.fixture(scope="session")
+def debian_tree() -> DebianTree:
+    """Debian's built Xen tree (``tests/xen/debian_tree.py``): reused from $XSBUILD_XEN_TREE or
+    xsbuild's cache, else built once per machine (minutes).  Tests using it are marked slow."""
+    return get_tree()

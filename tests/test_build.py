@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.xen.debian_tree import DebianTree
 from xsbuild.capture import (
     CaptureRequest,
     TreeIndex,
@@ -35,10 +36,6 @@ from xsbuild.capture import (
 from xsbuild.errors import UnsupportedChangeError, UsageError
 
 REPO = Path(__file__).resolve().parents[1]
-DEBIAN_TOP = Path(os.environ.get("XSBUILD_DEBIAN_TREE",
-                                 "/work/cache/xenbuild/xen-4.17.5+72-g01140da4e8"))
-DEBIAN_XEN_SYMS = Path(os.environ.get(
-    "XSBUILD_DEBIAN_XEN_SYMS", "/work/cache/xenbuild/ref/usr/lib/debug/boot/xen-syms-4.17-amd64"))
 
 # ------------------------------------------------------------------------------------------
 # The fake tree
@@ -607,37 +604,32 @@ def test_cli_unbuilt_tree_without_config_says_so(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------------
 # Debian's real tree (slow: only where the tree is built)
 
-needs_debian = pytest.mark.skipif(not (DEBIAN_TOP / "xen/xen-syms").is_file(),
-                                  reason="Debian's built Xen tree is not on this machine")
-
-
-def debian_patch(tmp_path: Path, rel: str, old: str, new: str) -> Path:
-    return make_patch(DEBIAN_TOP, {rel: replace_in(DEBIAN_TOP, rel, old, new)},
-                      tmp_path / "deb.patch")
+def debian_patch(top: Path, tmp_path: Path, rel: str, old: str, new: str) -> Path:
+    return make_patch(top, {rel: replace_in(top, rel, old, new)}, tmp_path / "deb.patch")
 
 
 @pytest.mark.slow
-@needs_debian
-def test_debian_capture_reproduces_objects(tmp_path: Path) -> None:
-    patch = debian_patch(tmp_path, "xen/common/version.c", "return XEN_EXTRAVERSION;",
+def test_debian_capture_reproduces_objects(debian_tree: DebianTree, tmp_path: Path) -> None:
+    top = debian_tree.source_top
+    patch = debian_patch(top, tmp_path, "xen/common/version.c", "return XEN_EXTRAVERSION;",
                          'return XEN_EXTRAVERSION "-xsb";')
-    before = tree_hash(DEBIAN_TOP / "xen/common")
-    result = run_capture(DEBIAN_TOP, tmp_path, patch)
+    before = tree_hash(top / "xen/common")
+    result = run_capture(top, tmp_path, patch)
     assert [c.obj for c in result.changed] == ["common/version.o"]
-    assert result.changed[0].orig.read_bytes() == (DEBIAN_TOP / "xen/common/version.o").read_bytes()
+    assert result.changed[0].orig.read_bytes() == (top / "xen/common/version.o").read_bytes()
     assert file_symbol(result.changed[0].patched) == ["common/version.c"]
-    assert tree_hash(DEBIAN_TOP / "xen/common") == before
+    assert tree_hash(top / "xen/common") == before
 
 
 @pytest.mark.slow
-@needs_debian
-def test_debian_init_object_and_header(tmp_path: Path) -> None:
-    index = TreeIndex.load(DEBIAN_TOP / "xen")
+def test_debian_init_object_and_header(debian_tree: DebianTree, tmp_path: Path) -> None:
+    top = debian_tree.source_top
+    index = TreeIndex.load(top / "xen")
     users = index.affected("include/xen/earlycpio.h")
     assert users, "expected users of earlycpio.h"
-    patch = debian_patch(tmp_path, "xen/include/xen/earlycpio.h", "#define MAX_CPIO_FILE_NAME 18",
-                         "#define MAX_CPIO_FILE_NAME 19")
-    result = run_capture(DEBIAN_TOP, tmp_path, patch, jobs=2)
+    patch = debian_patch(top, tmp_path, "xen/include/xen/earlycpio.h",
+                         "#define MAX_CPIO_FILE_NAME 18", "#define MAX_CPIO_FILE_NAME 19")
+    result = run_capture(top, tmp_path, patch, jobs=2)
     touched = {c.obj for c in result.changed} | set(result.unchanged)
     assert touched == {o.final for o in users if o.final in index.linked}
 

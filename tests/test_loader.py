@@ -23,12 +23,7 @@ from tests.support.handmade import (
     build_payload,
 )
 from tests.support.image import XEN_LINK_BASE, Image, read_build_id
-from tests.support.loader import IMAGE_BASE, read_image_symbols
-from tests.support.runner import Call, ChildFailed, load_and_apply, run_child
 from tests.support.toolchain import (
-    DEBIAN_TREE,
-    DEBIAN_XEN_SYMS,
-    REFERENCE_CMD,
     XEN_CFLAGS,
     Toolchain,
     flags_from_cmd,
@@ -36,18 +31,23 @@ from tests.support.toolchain import (
     relocation_offsets,
     section_sizes,
 )
+from tests.xen.debian_tree import DebianTree
 from xsbuild import xen_abi as abi
+from xsbuild.sandbox.loader import IMAGE_BASE, read_image_symbols
+from xsbuild.sandbox.runner import Call, ChildFailed, load_and_apply, run_child
 
-needs_tree = pytest.mark.skipif(not REFERENCE_CMD.exists(), reason="Debian Xen tree not built")
+# Checks against Debian's real tree: slow, because the first run on a machine builds it.
+needs_tree = pytest.mark.slow
 
 
 # ----------------------------------------------------------------------------------------------
 # Toolchain: flags and entry sizes
 
 @needs_tree
-def test_toolchain_flags_match_debian_tree() -> None:
+def test_toolchain_flags_match_debian_tree(debian_tree: DebianTree) -> None:
     """The frozen flag list is exactly what the tree's .o.cmd says, minus tree paths."""
-    assert flags_from_cmd(REFERENCE_CMD.read_text()) == XEN_CFLAGS
+    reference = debian_tree.xen_dir / "common" / ".version.o.cmd"
+    assert flags_from_cmd(reference.read_text()) == XEN_CFLAGS
 
 
 def _entry_size(obj: Path, section: str, relocs_per_entry: int) -> int:
@@ -79,22 +79,22 @@ SPECIAL_ENTRIES = [(abi.SEC_ALTINSTRUCTIONS, 2, abi.ALT_INSTR_SIZE),
                    (".bug_frames.2", 2, abi.BUG_FRAME_SIZE)]
 
 
-def _debian_object_with(section: str) -> Path:
+def _debian_object_with(tree: DebianTree, section: str) -> Path:
     for rel in ("arch/x86/traps.o", "arch/x86/mm.o", "common/page_alloc.o", "common/domain.o",
                 "arch/x86/domain.o", "common/sched/core.o"):
-        obj = DEBIAN_TREE / rel
+        obj = tree.xen_dir / rel
         if obj.exists() and section in section_sizes(obj):
             return obj
-    pytest.skip(f"no Debian object with {section}")
+    raise AssertionError(f"no object of the Debian tree has {section}")
 
 
 @needs_tree
 @pytest.mark.parametrize(("section", "per_entry", "expected"), SPECIAL_ENTRIES)
-def test_special_entry_sizes_match_debian(toolchain: Toolchain, section: str, per_entry: int,
-                                          expected: int) -> None:
+def test_special_entry_sizes_match_debian(toolchain: Toolchain, debian_tree: DebianTree,
+                                          section: str, per_entry: int, expected: int) -> None:
     """The fixture macros emit entries of the same size as Xen's own (spec §1.4)."""
     ours = toolchain.compile_source(SPECIAL_SOURCE, "common/special.c")
-    theirs = _debian_object_with(section)
+    theirs = _debian_object_with(debian_tree, section)
     assert _entry_size(ours, section, per_entry) == _entry_size(theirs, section, per_entry)
     assert _entry_size(ours, section, per_entry) == expected
 
@@ -158,13 +158,13 @@ def test_hypervisor_at_xen_addresses(toolchain: Toolchain, hypervisor: Image,
     assert all(theirs[n].size == ours[n].size for n in ours)
 
 
-@pytest.mark.skipif(not DEBIAN_XEN_SYMS.exists(), reason="Debian xen-syms not present")
-def test_symbol_naming_matches_debian_map() -> None:
+@needs_tree
+def test_symbol_naming_matches_debian_map(debian_tree: DebianTree) -> None:
     """Our reading of STT_FILE order gives the names of Debian's own xen-syms map (spec §7)."""
-    mapfile = DEBIAN_XEN_SYMS.with_name(DEBIAN_XEN_SYMS.name + ".map")
-    if not mapfile.exists():
-        pytest.skip("no xen-syms map")
-    ours = read_image_symbols(DEBIAN_XEN_SYMS)
+    xen_syms = debian_tree.debian_xen_syms
+    mapfile = xen_syms.with_name(xen_syms.name + ".map")
+    assert mapfile.is_file(), "the -dbg package ships xen-syms-4.17-amd64.map beside xen-syms"
+    ours = read_image_symbols(xen_syms)
     theirs = {}
     for line in mapfile.read_text().splitlines():
         addr, _kind, name = line.split(maxsplit=2)

@@ -8,7 +8,7 @@ Each directory of ``fixtures/scenarios/`` holds ``fix.patch`` (against ``fixture
    code, the changed/new lists, the refusal message, and that nothing is left behind on refusal;
 3. links the diff objects with ``xsbuild link --xen-syms IMAGE`` and checks the payload with
    ``xsbuild check``, real ``readelf -SrsW`` (no warnings) and ``ld -r``;
-4. proves behaviour in child processes (tests/support/runner.py): after apply, every listed call
+4. proves behaviour in child processes (xsbuild/sandbox/runner.py): after apply, every listed call
    returns what the PATCHED build returns; before and after revert, what the original returns.
 
 scenario.toml::
@@ -53,9 +53,9 @@ from typing import Any
 import pytest
 
 from tests.support.image import Image, build_image
-from tests.support.runner import Call, behaviour_proof, plain_rounds
 from tests.support.toolchain import FIXTURES, Toolchain, readelf, run, section_sizes
 from xsbuild import xen_abi as abi
+from xsbuild.sandbox.runner import Call, behaviour_proof, plain_rounds
 
 BASE = FIXTURES / "xen"
 SCENARIOS = FIXTURES / "scenarios"

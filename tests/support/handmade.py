@@ -29,9 +29,9 @@ from pathlib import Path
 from elftools.elf.elffile import ELFFile
 
 from tests.support.image import Image, build_image, note_section_bytes
-from tests.support.loader import IMAGE_BASE, ImageSymbol, read_image_symbols
 from tests.support.toolchain import FIXTURES, LD, OBJCOPY, Toolchain, run
 from xsbuild import xen_abi as abi
+from xsbuild.sandbox.loader import IMAGE_BASE, ImageSymbol, read_image_symbols
 
 HYPERVISOR_SOURCE = FIXTURES / "handmade" / "version.c"
 HYPERVISOR_NAME = "common/version.c"

@@ -8,24 +8,23 @@ dynamic relocations at all.
 
 It is linked at :data:`IMAGE_BASE` instead of Xen's address, where a user process can map it:
 the loader child maps its PT_LOAD segments at their link addresses with ctypes
-(:class:`tests.support.loader.LoadedImage`) and calls its functions.  (A shared object, the
+(:class:`xsbuild.sandbox.loader.LoadedImage`) and calls its functions.  (A shared object, the
 first design, does not work: ``ld -shared`` turns hidden globals into locals after an empty
 STT_FILE, so the symbol table would no longer look like the hypervisor's.)
 """
 
 from __future__ import annotations
 
-import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.support.loader import IMAGE_BASE
-from tests.support.toolchain import FIXTURES, LD, OBJCOPY, Toolchain, run
+from tests.support.toolchain import OBJCOPY, Toolchain, run
 from xsbuild import xen_abi as abi
+from xsbuild.sandbox.loader import IMAGE_BASE
+from xsbuild.sandbox.toolchain import THUNKS, THUNKS_NAME, link_image
 
 XEN_LINK_BASE = abi.XEN_TEXT_START_X86_64  # where xen-syms' .text starts
-THUNKS = FIXTURES / "image" / "thunks.S"
 
 
 @dataclass(frozen=True)
@@ -53,24 +52,6 @@ def note_section_bytes(elf: Path, section: str) -> bytes:
         return out.read_bytes()
 
 
-def link_image(objects: list[Path], out: Path, base: int = IMAGE_BASE) -> Path:
-    """Link objects (plus nothing else) into ``out`` atomically; see the module docstring.
-
-    ``base=XEN_LINK_BASE`` gives an ELF at Xen's own addresses: readable, not runnable.
-    """
-    flags = ["-static", f"-Ttext-segment={base:#x}", "-e", "0", "-z", "noexecstack",
-             "-z", "norelro"]
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.")
-    os.close(fd)
-    try:
-        run([LD, "-melf_x86_64", "--build-id=sha1", *flags, "-o", tmp, *map(str, objects)])
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return out
-
-
 def build_image(toolchain: Toolchain, sources: dict[str, str], out: Path,
                 base: int = IMAGE_BASE) -> Image:
     """Compile ``{unique_name: C text}`` with Xen's flags, add the thunks, link ``out``.
@@ -78,6 +59,6 @@ def build_image(toolchain: Toolchain, sources: dict[str, str], out: Path,
     ``unique_name`` is the path the hypervisor would know the file by (``common/sched.c``).
     """
     objects = [toolchain.compile_source(text, name) for name, text in sorted(sources.items())]
-    objects.append(toolchain.assemble(THUNKS.read_text(), "arch/x86/indirect-thunk.S"))
+    objects.append(toolchain.assemble(THUNKS.read_text(), THUNKS_NAME))
     link_image(objects, out, base=base)
     return Image(out, read_build_id(out), tuple(objects))

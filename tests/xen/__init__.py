@@ -23,8 +23,9 @@ Run with ``pytest -m xen`` (``.ci/xen-e2e.sh`` prepares a fresh machine).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
+
+from xsbuild.debian import cache_root as product_cache_root
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # CI and the developer machines keep ``shared/`` beside the clone.
@@ -33,8 +34,8 @@ HARNESS_DIR = SHARED_DIR / "harness"
 
 
 def cache_root() -> Path:
-    """``$XDG_CACHE_HOME/xsbuild`` (``~/.cache/xsbuild`` by default), created on demand."""
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    root = Path(base) / "xsbuild"
+    """xsbuild's own cache, ``$XDG_CACHE_HOME/xsbuild`` (``~/.cache/xsbuild``), created on
+    demand: the suite keeps its downloads beside the product's."""
+    root = product_cache_root()
     root.mkdir(parents=True, exist_ok=True)
     return root

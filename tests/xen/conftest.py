@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from .debian_tree import DebianTree, get_tree
 from .dom0py import Dom0Python, get_dom0_python
 from .qemu import BootResult, QemuUnavailable, Script, boot, check_host
 
@@ -35,12 +34,6 @@ def qemu_host() -> None:
         check_host()
     except QemuUnavailable as exc:
         _unavailable(str(exc))
-
-
-@pytest.fixture(scope="session")
-def debian_tree() -> DebianTree:
-    """Debian's built tree: reused from $XSBUILD_XEN_TREE or the cache, else built once."""
-    return get_tree()
 
 
 @pytest.fixture(scope="session")

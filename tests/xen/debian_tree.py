@@ -1,10 +1,11 @@
 """Debian's built Xen 4.17.5+72 tree, and an exact recompile of one of its objects.
 
-The tree comes from ``shared/harness/build-xen.sh`` (bit-identical to Debian's package).  It is
-looked for, in order, at ``$XSBUILD_XEN_TREE`` and at ``<cache>/debian-tree``; if neither holds a
-built tree, build-xen.sh builds one into ``<cache>/debian-tree`` (about 100 s plus the download,
-once per machine).  The tree is shared with other developers and other test runs: nothing here
-writes into it.
+The tree is the one ``xsbuild build --debian 4.17.5+72-g01140da4e8-1`` keeps in the cache
+(``<cache>/debian/<version>``, laid out as a ``shared/harness/build-xen.sh`` WORKDIR, bit-identical
+to Debian's package).  ``$XSBUILD_XEN_TREE`` names another WORKDIR to use instead (one built by
+build-xen.sh, say).  If neither holds a built tree, xsbuild builds it (about 100 s plus the
+download, once per machine, shared by the product and the tests).  Nothing here writes into
+the tree.
 
 :func:`recompile` replays the ``cmd_...`` line of an object's ``.o.cmd`` file on a *copy* of the
 source, then the ``objcopy --redefine-sym`` step that make runs after it (target-notes.md).  The
@@ -17,7 +18,6 @@ For an unmodified source the result is byte-identical to the tree's object.
 
 from __future__ import annotations
 
-import fcntl
 import os
 import re
 import shlex
@@ -28,14 +28,13 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
-from . import HARNESS_DIR, cache_root
+from xsbuild.debian import STAMP, cache_root, debian_base
+from xsbuild.errors import XsbuildError
 
 DEBIAN_XEN_VERSION = "4.17.5+72-g01140da4e8"
 # Debian's shipped xen-syms (the -dbg package), where build-xen.sh unpacks it in its WORKDIR.
 REF_XEN_SYMS = Path("ref/usr/lib/debug/boot/xen-syms-4.17-amd64")
 TREE_ENV = "XSBUILD_XEN_TREE"
-BUILD_SCRIPT = HARNESS_DIR / "build-xen.sh"
-BUILD_TIMEOUT = 3600.0
 
 _CMD_LINE_RE = re.compile(r"^cmd_(\S+)\s*:=\s*(.*)$")
 _BUILD_ID_RE = re.compile(r"Build ID:\s*([0-9a-f]+)")
@@ -112,46 +111,36 @@ def _candidate(path: Path) -> DebianTree:
     return DebianTree(path)
 
 
-def default_tree_dir() -> Path:
-    return cache_root() / "debian-tree"
+def product_tree_dir() -> Path:
+    """Where ``xsbuild build --debian`` keeps Debian's rebuilt tree (same layout as a
+    build-xen.sh WORKDIR: ``ref/`` and ``xen-<version>/``): the suite shares it, so a machine
+    builds Debian's hypervisor once for the product and the tests together."""
+    return cache_root() / "debian" / f"{DEBIAN_XEN_VERSION}-1"
 
 
 def find_tree() -> DebianTree | None:
-    """The first built tree among ``$XSBUILD_XEN_TREE`` and the cache, or None."""
+    """The first built tree among ``$XSBUILD_XEN_TREE`` and the product's cache, or None."""
     env = os.environ.get(TREE_ENV)
     if env:
         tree = _candidate(Path(env))
         if not tree.is_built():
             raise TreeError(f"{TREE_ENV}={env} does not hold a tree built by build-xen.sh")
         return tree
-    tree = _candidate(default_tree_dir())
-    return tree if tree.is_built() else None
-
-
-def build_tree(workdir: Path, log: Path) -> DebianTree:
-    """Run build-xen.sh into ``workdir`` (serialised per machine by a lock beside it)."""
-    if not BUILD_SCRIPT.is_file():
-        raise TreeError(f"{BUILD_SCRIPT} not found (shared/ beside the clone?)")
-    workdir.mkdir(parents=True, exist_ok=True)
-    with open(workdir.parent / f".{workdir.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        tree = DebianTree(workdir)
-        if tree.is_built():  # another process built it while we waited
-            return tree
-        with open(log, "w") as out:
-            proc = subprocess.run(["bash", str(BUILD_SCRIPT), str(workdir)], stdout=out,
-                                  stderr=subprocess.STDOUT, timeout=BUILD_TIMEOUT, check=False)
-        if proc.returncode != 0 or not tree.is_built():
-            raise TreeError(f"build-xen.sh failed (rc={proc.returncode}); see {log}")
-        return tree
+    tree = DebianTree(product_tree_dir())
+    return tree if tree.is_built() and (tree.source_top / STAMP).is_file() else None
 
 
 def get_tree() -> DebianTree:
-    """The verified Debian tree, built into the cache first if none exists on this machine."""
+    """The verified Debian tree, built first (by xsbuild itself, as ``xsbuild build --debian``
+    does, about 100 s plus the download) if none exists on this machine."""
     tree = find_tree()
     if tree is None:
-        workdir = default_tree_dir()
-        tree = build_tree(workdir, cache_root() / "build-xen.log")
+        try:
+            debian_base(f"{DEBIAN_XEN_VERSION}-1", jobs=os.cpu_count() or 2,
+                        progress=lambda _line: None)
+        except XsbuildError as exc:
+            raise TreeError(f"building Debian's tree failed: {exc}") from exc
+        tree = DebianTree(product_tree_dir())
     tree.verify()
     return tree
 

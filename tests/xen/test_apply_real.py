@@ -2,12 +2,11 @@
 
 Debian's Xen 4.17 boots under QEMU with the project installed in dom0 (``tests/xen/dom0py.py``).
 ``xsbuild`` then drives the real sysctl through ``/dev/xen/privcmd`` on a payload for
-``xen_extra_version`` (built by xsbuild when its ``diff``/``link`` commands exist, else by hand as
-Xen's in-tree tests do), while dom0 reads ``/sys/hypervisor/version/extra`` live.  After every
-step, ``xsbuild list`` must agree with Debian's own ``xen-livepatch list``.  Failure paths run for
-real too: a duplicate upload (-EEXIST, exit 1), unloading an applied payload (exit 1), and a 1 ns
-rendezvous timeout (-EBUSY, exit 4, nothing patched).  The libxenctrl backend lists and reverts
-in the same boot.
+``xen_extra_version`` (built by ``xsbuild diff`` and ``link``), while dom0 reads
+``/sys/hypervisor/version/extra`` live.  After every step, ``xsbuild list`` must agree with
+Debian's own ``xen-livepatch list``.  Failure paths run for real too: a duplicate upload
+(-EEXIST, exit 1), unloading an applied payload (exit 1), and a 1 ns rendezvous timeout (-EBUSY,
+exit 4, nothing patched).  The libxenctrl backend lists and reverts in the same boot.
 """
 
 from __future__ import annotations
@@ -27,7 +26,6 @@ from .qemu import BootResult, Script
 from .test_extra_version import (
     READ_EXTRA,
     VERSION_OBJ,
-    build_handmade_payload,
     patched_version_source,
 )
 
@@ -46,27 +44,20 @@ def _xsbuild_host(*args: str) -> subprocess.CompletedProcess[str]:
                           text=True, check=False)
 
 
-def _has_commands(*names: str) -> bool:
-    text = _xsbuild_host("--help").stdout.split("Commands:", 1)[-1]
-    return all(re.search(rf"^\s+{n}\s", text, re.MULTILINE) for n in names)
-
-
 def build_payload(tree: DebianTree, folder: Path) -> Path:
-    """The payload: built by xsbuild when it can, otherwise by hand (spec §6)."""
-    if _has_commands("diff", "link"):
-        patched = recompile(tree, VERSION_OBJ, patched_version_source(tree, NEW_STRING),
-                            folder / "patched" / "version.o")
-        diffed = folder / "diff" / "version.o"
-        diffed.parent.mkdir()
-        payload = folder / f"{NAME}.livepatch"
-        for argv in (("diff", str(tree.xen_dir / VERSION_OBJ), str(patched), "-o", str(diffed)),
-                     ("link", str(diffed), "-o", str(payload), "--xen-syms",
-                      str(tree.debian_xen_syms))):
-            proc = _xsbuild_host(*argv)
-            if proc.returncode != 0:
-                pytest.fail(f"xsbuild {argv[0]} failed: {proc.stderr}")
-        return payload
-    return build_handmade_payload(tree, folder, NAME, NEW_STRING)
+    """The payload, built by ``xsbuild diff`` and ``link`` from a recompiled version.o."""
+    patched = recompile(tree, VERSION_OBJ, patched_version_source(tree, NEW_STRING),
+                        folder / "patched" / "version.o")
+    diffed = folder / "diff" / "version.o"
+    diffed.parent.mkdir()
+    payload = folder / f"{NAME}.livepatch"
+    for argv in (("diff", str(tree.xen_dir / VERSION_OBJ), str(patched), "-o", str(diffed)),
+                 ("link", str(diffed), "-o", str(payload), "--xen-syms",
+                  str(tree.debian_xen_syms))):
+        proc = _xsbuild_host(*argv)
+        if proc.returncode != 0:
+            pytest.fail(f"xsbuild {argv[0]} failed: {proc.stderr}")
+    return payload
 
 
 def lists(script: Script, tag: str) -> Script:

@@ -43,6 +43,7 @@ def cli() -> None:
       xsbuild check fix.livepatch --xen-syms xen-syms
       xsbuild load fix.livepatch            (in dom0)
     or all at once from a source tree: xsbuild build --srcdir xen --patch fix.patch ...
+    Review a payload: xsbuild inspect fix.livepatch.  See it all run: xsbuild demo.
     """
 
 
@@ -50,7 +51,7 @@ def _register() -> None:
     # Import for the side effect of registering each command module's commands on ``cli``.
     import importlib
 
-    for name in ("compile", "apply", "inspect", "build"):
+    for name in ("compile", "apply", "inspect", "build", "demo"):
         try:
             importlib.import_module(f"xsbuild.cli.{name}")
         except ModuleNotFoundError as exc:  # a module not written yet

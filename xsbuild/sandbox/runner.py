@@ -22,12 +22,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-LOADER = Path(__file__).with_name("loader.py")
+from xsbuild.errors import XsbuildError
+
 CHILD_TIMEOUT = 30.0  # seconds; a child normally needs well under one
 
 
-class ChildFailed(AssertionError):
-    """The loader child crashed, hung or printed no result: a test failure, with its stderr."""
+class ChildFailed(XsbuildError):
+    """The loader child crashed, hung, refused or printed no result; the message has its
+    stderr."""
 
 
 @dataclass(frozen=True)
@@ -44,11 +46,13 @@ class Call:
 
 def run_child(script: dict[str, Any], timeout: float = CHILD_TIMEOUT) -> dict[str, Any]:
     """Run the loader on ``script`` in a fresh interpreter; return its JSON answer."""
-    repo = str(Path(__file__).resolve().parents[2])
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [repo, os.environ.get(
+    # The directory holding the xsbuild package, so a source checkout works uninstalled.
+    root = str(Path(__file__).resolve().parents[2])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get(
         "PYTHONPATH")])), PYTHONFAULTHANDLER="1")
     try:
-        proc = subprocess.run([sys.executable, str(LOADER)], input=json.dumps(script),
+        proc = subprocess.run([sys.executable, "-m", "xsbuild.sandbox.loader"],
+                              input=json.dumps(script),
                               capture_output=True, text=True, timeout=timeout, env=env,
                               check=False)
     except subprocess.TimeoutExpired as exc:

@@ -16,9 +16,11 @@ Errors carry Xen's errno names so tests can compare them with what the hyperviso
 Not modelled: alternatives are checked but not applied (the original instructions run), the
 exception table is not consulted (fixtures never fault), no stacking between payloads.
 
-Run as ``python loader.py`` with a JSON script on stdin (see :func:`run_script`); it prints one
-JSON object on stdout.  Only the standard library, pyelftools and :mod:`xsbuild.xen_abi` are used,
-so the child starts fast and shares no state with the test process.
+Run as ``python -m xsbuild.sandbox.loader`` with a JSON script on stdin (see :func:`run_script`);
+it prints one JSON object on stdout.  Only the standard library, pyelftools and
+:mod:`xsbuild.xen_abi` are used, so the child starts fast, shares no state with the process that
+built the payload, and stays an independent oracle: it reads the image's symbols and the
+payload's notes with its own code, not with the readers under test (:mod:`xsbuild.xensyms`).
 """
 
 from __future__ import annotations
