@@ -7,7 +7,10 @@ in the same run on the same machine: for each object,
 * ``gcc``        replay the object's own compile command (its ``.o.cmd``) into a scratch file;
 * ``diff-self``  ``xsbuild diff orig.o orig.o`` as a user runs it (a new process each time);
 * ``diff-patch`` ``xsbuild diff orig.o patched.o -o out.o``, where the patched object comes from
-  the same compile command on a source with one ``return -EINVAL;`` turned into ``-EFAULT``.
+  the same compile command on a source with one error return changed (the last
+  ``return -EINVAL;`` becomes ``-EFAULT``, or the first of the other :data:`EDITS` that exists);
+  the ``status`` column says what the differ decided (changed, or refused when the edit lands in
+  ``__init`` code).
 
 Each figure is the best of ``--repeat`` runs (default 3).  Needs a built tree: by default the
 one ``xsbuild build --debian`` keeps in the cache (``bench/debian_tree.py``), or ``--tree`` (the
@@ -68,13 +71,28 @@ def build(tree: Path, obj: str, source: Path, out: Path) -> float:
     return elapsed
 
 
-def timed(cmd: list[str], ok: tuple[int, ...] = (0, 3)) -> float:
+# One-token edits, tried in order; the last occurrence is edited (rarely in __init code).
+EDITS = (("return -EINVAL;", "return -EFAULT;"), ("return -EFAULT;", "return -EINVAL;"),
+         ("return -ENOMEM;", "return -EINVAL;"), ("return -EPERM;", "return -EINVAL;"),
+         ("return 0;", "return 1;"))
+STATUS = {0: "changed", 1: "refused", 3: "no-change"}
+
+
+def patched_text(text: str) -> str | None:
+    for old, new in EDITS:
+        at = text.rfind(old)
+        if at >= 0:
+            return text[:at] + new + text[at + len(old):]
+    return None
+
+
+def timed(cmd: list[str], ok: tuple[int, ...] = (0, 3)) -> tuple[float, int]:
     start = time.perf_counter()
     rc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode
     elapsed = time.perf_counter() - start
     if rc not in ok:
         raise SystemExit(f"{' '.join(cmd)} exited {rc}")
-    return elapsed
+    return elapsed, rc
 
 
 def main() -> None:
@@ -86,7 +104,8 @@ def main() -> None:
     if not (args.tree / "xen-syms").exists():
         sys.exit(f"no built Xen tree at {args.tree} (set --tree or XSBUILD_XEN_TREE)")
     xsbuild = [sys.executable, "-m", "xsbuild"]
-    print(f"{'object':28} {'size':>8} {'gcc':>8} {'diff-self':>10} {'diff-patch':>11}  verdict")
+    print(f"{'object':28} {'size':>8} {'gcc':>8} {'diff-self':>10} {'diff-patch':>11} "
+          f"{'status':>10}  verdict")
     failures = 0
     with tempfile.TemporaryDirectory() as tmpd:
         tmp = Path(tmpd)
@@ -96,23 +115,24 @@ def main() -> None:
             orig_src, patched_src = tmp / f"{base}.c", tmp / f"{base}_patched.c"
             text = src.read_text()
             orig_src.write_text(text)
-            at = text.rfind("return -EINVAL;")  # the last one: rarely in __init code
-            if at < 0:
-                sys.exit(f"{src}: no 'return -EINVAL;' to patch; pick another object")
-            patched_src.write_text(text[:at] + "return -EFAULT;" + text[at + 15:])
+            patched = patched_text(text)
+            if patched is None:
+                sys.exit(f"{src}: none of the edits of EDITS applies; pick another object")
+            patched_src.write_text(patched)
             orig_o, patched_o = tmp / f"{base}.o", tmp / f"{base}_p.o"
             gcc_cmd = (args.tree, obj, orig_src, orig_o)
             t_gcc = min(build(*gcc_cmd) for _ in range(args.repeat))
             build(args.tree, obj, patched_src, patched_o)
             self_cmd = [*xsbuild, "diff", str(orig_o), str(orig_o)]
             patch_cmd = [*xsbuild, "diff", str(orig_o), str(patched_o), "-o", str(tmp / "out.o")]
-            t_self = min(timed(self_cmd) for _ in range(args.repeat))
-            t_patch = min(timed(patch_cmd, ok=(0, 1, 3)) for _ in range(args.repeat))
+            t_self = min(timed(self_cmd)[0] for _ in range(args.repeat))
+            runs = [timed(patch_cmd, ok=(0, 1, 3)) for _ in range(args.repeat)]
+            t_patch, status = min(t for t, _rc in runs), STATUS[runs[0][1]]
             ok = max(t_self, t_patch) < t_gcc
             failures += not ok
             size = (args.tree / obj).stat().st_size
-            print(f"{obj:28} {size:8d} {t_gcc:7.2f}s {t_self:9.2f}s {t_patch:10.2f}s  "
-                  f"{'faster than gcc' if ok else 'SLOWER than gcc'}")
+            print(f"{obj:28} {size:8d} {t_gcc:7.2f}s {t_self:9.2f}s {t_patch:10.2f}s "
+                  f"{status:>10}  {'faster than gcc' if ok else 'SLOWER than gcc'}")
     sys.exit(1 if failures else 0)
 
 
