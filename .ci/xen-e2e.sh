@@ -2,7 +2,7 @@
 # xen-e2e.sh - prepare a Debian bookworm machine (as root) for the real-Xen suite, tests/xen
 # (pytest -m xen).  Idempotent: a second run changes nothing and only refreshes apt's lists.
 #
-# What the suite needs on the host:
+# What the suites need on the host (headless Chromium for the HTML report test, tests/test_html_report.py):
 #   * QEMU (qemu-system-x86) and cpio: shared/harness/boot-xen.sh boots Debian's Xen with them;
 #   * deb-src entries: shared/harness/build-xen.sh runs "apt-get source xen=<version>" the first
 #     time a machine needs the Debian tree (tests/xen/debian_tree.py), plus that build's
@@ -15,7 +15,7 @@
 set -euo pipefail
 
 PACKAGES=(qemu-system-x86 cpio gzip xz-utils zstd dpkg-dev build-essential bison flex python3
-          lsb-release binutils)
+          lsb-release binutils chromium fonts-dejavu-core)
 DEB822=/etc/apt/sources.list.d/debian.sources
 LEGACY=/etc/apt/sources.list
 EXTRA_LIST=/etc/apt/sources.list.d/xsbuild-deb-src.list

@@ -39,6 +39,13 @@ def test_demo_builds_checks_and_runs_the_fix(tmp_path: Path) -> None:
     assert ".livepatch.funcs" in sections and ".livepatch.xen_depends" in sections
 
 
+def test_demo_with_a_relative_workdir(tmp_path: Path) -> None:
+    run = subprocess.run([sys.executable, "-m", "xsbuild", "demo", "-w", "out"], cwd=tmp_path,
+                         capture_output=True, text=True, check=False)
+    assert run.returncode == 0, run.stderr
+    assert (tmp_path / "out" / "demo.livepatch").is_file()
+
+
 def test_demo_without_workdir_leaves_nothing(tmp_path: Path) -> None:
     env_tmp = tmp_path / "tmp"
     env_tmp.mkdir()

@@ -233,8 +233,18 @@ def run_diff(orig: Path, patched: Path, out: Path, exp: ObjectExpect) -> dict[st
 
 
 def check_payload_tools(payload: Path, work: Path) -> None:
-    """Real binutils accept the payload: readelf without warnings, ld -r relinks it."""
-    readelf("-SrsW", payload)
+    """Real binutils accept the payload: readelf without warnings, ld -r relinks it, and every
+    ``path#name`` local follows the FILE symbol of its own path, as readers attribute it."""
+    current_file = None
+    for line in readelf("-sW", payload).splitlines():
+        parts = line.split()
+        if len(parts) < 8 or parts[4] != "LOCAL":
+            continue
+        if parts[3] == "FILE":
+            current_file = parts[7]
+        elif parts[3] in ("FUNC", "OBJECT") and "#" in parts[7]:
+            path = parts[7].split("#", 1)[0]
+            assert path == current_file, f"{parts[7]} follows FILE {current_file}"
     run(["ld", "-melf_x86_64", "-r", "-o", str(work / "relinked.o"), str(payload)])
 
 

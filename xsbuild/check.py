@@ -436,6 +436,11 @@ class _Checker:
             label = name or f"entry {off // xen_abi.FUNC_SIZE}"
             if old_rel is not None and old_rel[0].shndx == _SHN_UNDEF:
                 old_addr = self._resolve(old_rel[0].name) + old_rel[2]
+            # old_addr 0: Xen looks the name up at load (spec §1.5 step 2).
+            by_name = (self.xs.lookup(name) if not old_addr and old_rel is None
+                       and self.xs is not None else None)
+            if by_name is not None:
+                old_addr = by_name.addr
             self.info.funcs.append(FuncInfo(name, new_sym, old_addr, new_size, old_size,
                                             version))
             if version != xen_abi.LIVEPATCH_PAYLOAD_VERSION:
@@ -446,11 +451,8 @@ class _Checker:
                 self.fail(xen_abi.EINVAL, f"{label}: old_size is 0")
                 continue
             if not old_addr and old_rel is None and self.xs is not None:
-                x = self.xs.lookup(name)
-                if x is None:
-                    self.fail(xen_abi.ENOENT, f"could not resolve old address of {label}")
-                    continue
-                old_addr = x.addr
+                self.fail(xen_abi.ENOENT, f"could not resolve old address of {label}")
+                continue
             is_nop = new_rel is None and not new_addr
             if is_nop:
                 if new_size > xen_abi.OPAQUE_SIZE:

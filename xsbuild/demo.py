@@ -76,6 +76,7 @@ class DemoReport:
 
 def run_demo(workdir: Path, progress: Progress = lambda _line: None) -> DemoReport:
     """Run STEPs 1-6 in ``workdir`` (created; must not exist or be empty)."""
+    workdir = workdir.resolve()
     _prepare(workdir)
     report = DemoReport(workdir)
 
@@ -127,7 +128,8 @@ def _sources(workdir: Path) -> tuple[Path, Path]:
                           "-i", str(workdir / PATCH)], capture_output=True, text=True,
                          check=False)
     if run.returncode != 0:
-        raise DemoFailed(f"{PATCH} does not apply to the bundled source: {run.stdout.strip()}")
+        output = (run.stdout + run.stderr).strip().replace("\n", " ")
+        raise DemoFailed(f"{PATCH} does not apply to the bundled source: {output}")
     return orig / SOURCE, patched / SOURCE
 
 

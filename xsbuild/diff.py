@@ -68,6 +68,16 @@ def cold_parent_name(name: str) -> str | None:
     return name[:m.start()] if m else None
 
 
+@dataclass(frozen=True, slots=True)
+class Change:
+    """Where a unit first differs from its twin, for tools that show the instructions there
+    (``xsbuild explain``); :attr:`text` is the same in words."""
+
+    kind: str  # "code" (bytes, relocated fields masked), "relocation" (a target) or "count"
+    offset: int | None  # inside the unit; None for "count" (the number of relocations)
+    text: str
+
+
 @dataclass(slots=True, eq=False)
 class Unit:
     """One function or data object of one side of the diff."""
@@ -77,10 +87,15 @@ class Unit:
     twin: Unit | None = None
     status: str = SAME
     reason: str = ""
+    change: Change | None = None  # set for CHANGED units whose own bytes or targets differ
     parent: Unit | None = None  # for .cold children
     children: list[Unit] = field(default_factory=list)
     fingerprint: bytes = b""
     ignored: bool = False  # listed in .livepatch.ignore.functions
+    # For a unit the payload carries only because an included unit refers to it (a new static
+    # helper, a string-holding static): that unit and the referring relocation's offset in it.
+    pulled_by: Unit | None = None
+    pulled_at: int = 0
 
     @property
     def name(self) -> str:
@@ -427,15 +442,17 @@ def fingerprint_all(units: list[Unit]) -> None:
         u.fingerprint = fingerprint(u)
 
 
+def pc_adjust(u: Unit, r: Reloc, ends: InstructionEnds) -> int:
+    """``insn_end - r_offset`` for a PC-relative field of an instruction of ``u`` (the addend of
+    ``call helper`` is -4, its target ``helper+0``); 0 for everything else."""
+    if u.sec.is_text and r.type in (xen_abi.R_X86_64_PC32, xen_abi.R_X86_64_PLT32):
+        return ends.pc_adjust(u.sec, u.sym.value, u.sym.end, r.offset, field_width(r.type))
+    return 0
+
+
 def unit_targets(u: Unit, ends: InstructionEnds) -> list[tuple[Reloc, Target]]:
     """Every relocation inside ``u`` with what it points at."""
-    out = []
-    for r in u.relocs():
-        pc = 0
-        if u.sec.is_text and r.type in (xen_abi.R_X86_64_PC32, xen_abi.R_X86_64_PLT32):
-            pc = ends.pc_adjust(u.sec, u.sym.value, u.sym.end, r.offset, field_width(r.type))
-        out.append((r, target_of(r, pc)))
-    return out
+    return [(r, target_of(r, pc_adjust(u, r, ends))) for r in u.relocs()]
 
 
 def canonical(t: Target, side: str, twins: TwinNames) -> tuple[object, ...]:
@@ -492,8 +509,9 @@ def classify(patched: list[Unit], ends: InstructionEnds) -> TwinNames:
         if u.ignored:
             u.status, u.reason = SAME, "ignored (.livepatch.ignore.functions/.sections)"
             continue
-        u.reason = first_difference(u.twin, u, ends, twins)
-        u.status = CHANGED if u.reason else SAME
+        u.change = first_difference(u.twin, u, ends, twins)
+        u.reason = u.change.text if u.change else ""
+        u.status = CHANGED if u.change else SAME
     # A changed .cold part is only reached through its parent: the parent must be replaced.
     for u in patched:
         if u.parent is not None and u.status == CHANGED and u.parent.status == SAME \
@@ -503,35 +521,37 @@ def classify(patched: list[Unit], ends: InstructionEnds) -> TwinNames:
     return twins
 
 
-def first_difference(o: Unit, p: Unit, ends: InstructionEnds, twins: TwinNames) -> str:
-    """Why ``p`` differs from its twin ``o``, in words; "" when they are the same."""
+def first_difference(o: Unit, p: Unit, ends: InstructionEnds,
+                     twins: TwinNames) -> Change | None:
+    """Where ``p`` first differs from its twin ``o``; None when they are the same."""
     what = "code" if p.is_func else "contents"
     if o.fingerprint != p.fingerprint:
         ob, pb = _masked_body(o), _masked_body(p)
         at = next((i for i, (a, b) in enumerate(zip(ob, pb, strict=False)) if a != b),
                   min(len(ob), len(pb)))
         size = f" (size {o.sym.size:#x} -> {p.sym.size:#x})" if o.sym.size != p.sym.size else ""
-        return f"{what} differs at +{at:#x}{size}"
+        return Change("code", at, f"{what} differs at +{at:#x}{size}")
     ok, pk = reloc_keys(o, ends, twins), reloc_keys(p, ends, twins)
-    for a, b in zip(ok, pk, strict=False):
+    for a, b, ro, rp in zip(ok, pk, o.relocs(), p.relocs(), strict=False):
         if a != b:
-            return f"relocation at +{b[0]:#x} now points to {_describe(b)} (was {_describe(a)})"
+            new, old = _describe(b, pc_adjust(p, rp, ends)), _describe(a, pc_adjust(o, ro, ends))
+            return Change("relocation", int(b[0]),  # type: ignore[call-overload]
+                          f"relocation at +{b[0]:#x} now points to {new} (was {old})")
     if len(ok) != len(pk):
-        return f"relocations differ ({len(ok)} -> {len(pk)})"
-    return ""
+        return Change("count", None, f"relocations differ ({len(ok)} -> {len(pk)})")
+    return None
 
 
-def _describe(key: tuple[object, ...]) -> str:
+def _describe(key: tuple[object, ...], pc: int) -> str:
+    """A canonical target in words; ``pc`` turns a PC-relative addend into the real offset."""
     kind = key[2]
-    if kind == "sym":
-        name, delta = key[3], key[4]
-        return f"{name}{delta:+#x}" if delta else str(name)
     if kind in ("string", "const"):
         content = key[3]
         assert isinstance(content, bytes)
         text = content.rstrip(b"\0").decode("utf-8", "replace")
         return f"string {text!r}" if kind == "string" else f"constant {content.hex()}"
-    return f"{key[3]}{key[4]:+#x}"
+    name, delta = key[3], int(key[4]) + pc  # type: ignore[call-overload]
+    return f"{name}{delta:+#x}" if delta else str(name)
 
 
 # --------------------------------------------------------------------------------------------
@@ -668,17 +688,20 @@ def choose_included(units: list[Unit], hooks: list[Section],
             t = target_of(r)
             if t.kind == "sym" and t.sym is not None and id(t.sym) in by_sym:
                 work.append(by_sym[id(t.sym)])
+    roots = {id(u.sym) for u in work}
     while work:
         u = work.pop()
         if id(u.sym) in chosen:
             continue
         chosen[id(u.sym)] = u
         work.extend(u.children)
-        for _r, t in unit_targets(u, ends):
+        for r, t in unit_targets(u, ends):
             if t.kind != "sym" or t.sym is None:
                 continue
             v = by_sym.get(id(t.sym))
             if v is not None and needs_copy(v):
+                if v.pulled_by is None and id(v.sym) not in roots:  # first reference found
+                    v.pulled_by, v.pulled_at = u, r.offset - u.sym.value
                 work.append(v)
     included = [u for u in units if id(u.sym) in chosen]
     notes = [f"new function {u.name} is not used by any change and is left out"

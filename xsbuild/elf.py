@@ -354,18 +354,19 @@ def elf_bytes(elf: Elf) -> bytes:
 
     Layout: header, section contents in model order, ``.rela`` sections, ``.symtab``, ``.strtab``,
     ``.shstrtab``, section header table.  Every section gets an offset of at least 64 (Xen rejects
-    offset 0 even for empty and NOBITS sections, spec §1.2).  Symbols: null, locals (FILE first,
-    then section symbols, then the rest in model order), then globals; ``sh_info`` of ``.symtab`` is
-    the first global's index, as the gABI requires.
+    offset 0 even for empty and NOBITS sections, spec §1.2).  Symbols: null, section symbols, the
+    other locals in model order (each FILE symbol ahead of the locals of its file, as ``ld -r``
+    lays them out: readers, Xen's symbol tool included, attribute a local to the FILE symbol
+    before it), then globals; ``sh_info`` of ``.symtab`` is the first global's index, as the gABI
+    requires.
     """
     # Tables are regenerated from the model; a read object's own tables are not content.
     sections = [s for s in elf.sections if s.type not in _GENERATED_TYPES]
     locals_ = [s for s in elf.symbols if s.bind == STB_LOCAL]
-    files = [s for s in locals_ if s.is_file]
     secsyms = [s for s in locals_ if s.is_section]
-    others = [s for s in locals_ if not s.is_file and not s.is_section]
+    others = [s for s in locals_ if not s.is_section]
     globals_ = [s for s in elf.symbols if s.bind != STB_LOCAL]
-    ordered = files + secsyms + others + globals_
+    ordered = secsyms + others + globals_
     sym_index = {id(s): i + 1 for i, s in enumerate(ordered)}
     sec_index = {id(s): i + 1 for i, s in enumerate(sections)}
     rela_secs = [s for s in sections if s.relocs]
@@ -386,7 +387,7 @@ def elf_bytes(elf: Elf) -> bytes:
             shndx = s.shndx
         symtab += struct.pack("<IBBHQQ", strtab.add(s.name), (s.bind << 4) | s.type, s.other,
                               shndx, s.value, s.size)
-    first_global = 1 + len(files) + len(secsyms) + len(others)
+    first_global = 1 + len(secsyms) + len(others)
 
     out = bytearray(xen_abi.ELF64_EHDR_SIZE)
     headers: list[tuple[int, int, int, int, int, int, int, int, int, int]] = []

@@ -53,7 +53,9 @@ class SpecialSection:
 
     name: str
     entry_size: int
-    real_offset: Callable[[int], int] | None = None  # decode an addend into a target offset
+    # Decode (addend, field offset in the entry) into the target offset, for entries whose
+    # fields are not plain relocations (bug frames).
+    real_offset: Callable[[int, int], int] | None = None
     fragment_field: int | None = None
     fragment_section: str = ""
 
@@ -212,7 +214,7 @@ class Extractor:
         first = next((r for r in relocs if r.offset == off), None)
         if first is None:
             return None
-        real = spec.real_offset(first.addend) if spec.real_offset else None
+        real = spec.real_offset(first.addend, 0) if spec.real_offset else None
         t = target_of(first, real_offset=real)
         if t.kind != "sym" or t.sym is None:
             return None
@@ -230,7 +232,8 @@ class Extractor:
 
     def _special_reference(self, spec: SpecialSection, src: Section, r: Reloc,
                            bounds: list[int]) -> tuple[Symbol, int] | None:
-        real = spec.real_offset(r.addend) if spec.real_offset else None
+        entry_start = r.offset // spec.entry_size * spec.entry_size
+        real = spec.real_offset(r.addend, r.offset - entry_start) if spec.real_offset else None
         t = target_of(r, real_offset=real)
         where = f"{src.name}+{r.offset:#x}"
         if t.kind == "anon" and t.section is not None and \

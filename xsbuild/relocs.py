@@ -151,8 +151,16 @@ def _disassembler():  # type: ignore[no-untyped-def]
     return capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
 
 
-def bug_frame_real_offset(addend: int) -> int:
-    """Target offset of a bug-frame displacement field: its low BUG_DISP_WIDTH bits, signed."""
+def bug_frame_real_offset(addend: int, field_offset: int) -> int:
+    """Target offset designated by a bug-frame displacement field.
+
+    Xen adds every displacement of a frame to the frame's *start* (``bug_loc``/``bug_ptr``/
+    ``bug_msg`` in x86 asm/bug.h), while the field is relocated PC-relative at its own place
+    (``field_offset`` bytes into the frame, 0, 4 or 12): the assembler's addend is therefore the
+    target's offset plus ``field_offset``, in the low BUG_DISP_WIDTH bits (the upper bits carry
+    the line number).
+    """
     width = xen_abi.BUG_DISP_WIDTH
     low = addend & ((1 << width) - 1)
-    return low - (1 << width) if low & (1 << (width - 1)) else low
+    disp = low - (1 << width) if low & (1 << (width - 1)) else low
+    return disp - field_offset

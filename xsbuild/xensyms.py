@@ -14,6 +14,7 @@ pass, the header and section table with pyelftools.
 
 from __future__ import annotations
 
+import bisect
 import io
 import os
 import struct
@@ -45,10 +46,31 @@ class XenSymbols:
         self.path = path
         self.build_id = build_id
         self.by_name = symbols
-        self._text = text  # (start address, bytes) of each SHF_ALLOC PROGBITS section
+        self._text = text  # (start address, bytes) of each executable SHF_ALLOC PROGBITS section
+        self._by_addr: list[tuple[int, XenSymbol]] | None = None  # built on first symbol_at
+        self._max_size = 0
 
     def lookup(self, name: str) -> XenSymbol | None:
         return self.by_name.get(name)
+
+    def symbol_at(self, addr: int) -> XenSymbol | None:
+        """The symbol at or covering ``addr`` (functions preferred), for naming call and jump
+        targets in disassembly; None when none does.  A zero-size symbol (an assembly label such
+        as a thunk) names only its own address."""
+        if self._by_addr is None:
+            # Functions sort after objects at one address, so the last entry <= addr wins a tie.
+            self._by_addr = sorted(((s.addr, s) for s in self.by_name.values()),
+                                   key=lambda e: (e[0], e[1].is_func))
+            self._max_size = max((s.size for s in self.by_name.values()), default=0)
+        i = bisect.bisect_right(self._by_addr, addr, key=lambda e: e[0])
+        while i > 0:
+            start, sym = self._by_addr[i - 1]
+            if start == addr or start + sym.size > addr:
+                return sym
+            if addr - start >= self._max_size:  # no symbol is big enough to reach further
+                return None
+            i -= 1
+        return None
 
     def __contains__(self, name: str) -> bool:
         return name in self.by_name
