@@ -4,7 +4,7 @@
 #
 # What the suites need on the host (headless Chromium for the HTML report test, tests/test_html_report.py):
 #   * QEMU (qemu-system-x86) and cpio: shared/harness/boot-xen.sh boots Debian's Xen with them;
-#   * deb-src entries: shared/harness/build-xen.sh runs "apt-get source xen=<version>" the first
+#   * deb-src entries: xsbuild (xsbuild/debian.py, as shared/harness/build-xen.sh) runs "apt-get source xen=<version>" the first
 #     time a machine needs the Debian tree (tests/xen/debian_tree.py), plus that build's
 #     dependencies (dpkg-dev, build-essential = gcc-12/binutils 2.40, bison, flex, python3,
 #     lsb-release);
