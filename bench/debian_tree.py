@@ -11,14 +11,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from xsbuild.debian import cache_root
+from xsbuild.debian import version_folder
 
 VERSION = "4.17.5+72-g01140da4e8"
 
 
 def workdir() -> Path:
     env = os.environ.get("XSBUILD_XEN_TREE")
-    return Path(env) if env else cache_root() / "debian" / f"{VERSION}-1"
+    return Path(env) if env else version_folder(f"{VERSION}-1")
 
 
 def default_top() -> Path:

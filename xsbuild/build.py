@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
 import re
 import shutil
 import tempfile
@@ -27,6 +26,7 @@ from pathlib import Path
 
 from xsbuild import xen_abi
 from xsbuild.capture import CapturedObject, CaptureRequest, CaptureResult, TreeIndex, capture
+from xsbuild.elf import write_atomic
 from xsbuild.errors import (
     InputMismatchError,
     NoChangeError,
@@ -34,6 +34,7 @@ from xsbuild.errors import (
     UsageError,
     XsbuildError,
 )
+from xsbuild.xensyms import read_build_id
 
 Progress = Callable[[str], None]
 SUMMARY_SCHEMA = "xsbuild.build/1"
@@ -132,27 +133,6 @@ def find_top(srcdir: Path) -> Path:
     raise UsageError(f"{srcdir} is not a Xen source tree (no xen/Rules.mk)")
 
 
-def read_build_id(path: Path) -> bytes:
-    """The GNU build-id of an ELF file (``xen-syms`` or a payload)."""
-    from elftools.common.exceptions import ELFError
-    from elftools.elf.elffile import ELFFile
-
-    from xsbuild.xensyms import parse_build_id_note
-
-    try:
-        with path.open("rb") as f:
-            sec = ELFFile(f).get_section_by_name(xen_abi.SEC_BUILD_ID)
-            note = sec.data() if sec is not None else b""
-    except OSError as exc:
-        raise UsageError(f"{path}: cannot read: {exc.strerror or exc}") from exc
-    except ELFError as exc:
-        raise UsageError(f"{path}: not an ELF file: {exc}") from exc
-    build_id = parse_build_id_note(note)
-    if not build_id:
-        raise UsageError(f"{path}: no GNU build-id note")
-    return build_id
-
-
 class BuildLog:
     """The build log: every step with its timing, kept in memory, written once at the end."""
 
@@ -177,19 +157,7 @@ class BuildLog:
             self.note(f"{name}: {timings[name]:.3f} s")
 
     def write(self, path: Path) -> None:
-        _atomic_write(path, self._buf.getvalue().encode())
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+        write_atomic(path, self._buf.getvalue().encode())
 
 
 def build_payload(opts: BuildOptions, progress: Progress = lambda _: None) -> BuildSummary:
@@ -247,8 +215,6 @@ def _build(opts: BuildOptions, name: str, log: BuildLog, timings: dict[str, floa
         summary.link, summary.build_id = _link(outputs, opts, name, xen_id)
         if "objects" in summary.link:
             summary.link["objects"] = sorted(summary.diffs)
-    with log.step("check", timings, show=False):
-        _check(opts.output, opts.xen_syms, log)
     log.note(f"payload {opts.output} ({name}), build-id {summary.build_id.hex()}", show=True)
     return summary
 
@@ -373,21 +339,3 @@ def _link(outputs: list[Path], opts: BuildOptions, name: str,
                         depends=opts.depends or xen_id, xen_depends=opts.xen_depends or xen_id,
                         prelink=opts.prelink)
     return result.to_json(), result.build_id
-
-
-def _check(payload: Path, xen_syms: Path, log: BuildLog) -> None:
-    """Run the offline loader checks; a payload Xen would reject is removed, not delivered."""
-    from xsbuild.check import check_payload
-    from xsbuild.errors import PayloadRejected
-    from xsbuild.xensyms import XenSymbols
-
-    try:
-        report = check_payload(payload.read_bytes(), xen_syms=XenSymbols.load(xen_syms))
-    except NotImplementedError:
-        log.note("check: offline checker not available in this version, skipped", show=True)
-        return
-    if not report.ok:
-        payload.unlink(missing_ok=True)
-        raise PayloadRejected("the built payload would be rejected by Xen: "
-                              + "; ".join(str(p) for p in report.problems))
-    log.note("check: the payload passes the loader's checks")

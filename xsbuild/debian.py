@@ -208,12 +208,19 @@ def hypervisor_package(version: str) -> str:
     return f"xen-hypervisor-{m.group(1)}.{m.group(2)}-amd64"
 
 
+def version_folder(version: str) -> Path:
+    """Where Debian's ``version`` lives in the cache: ``ref/`` (the shipped packages, with the
+    ``-dbg`` xen-syms) and ``xen-<upstream version>/`` (the source tree, built): the layout of a
+    ``shared/harness/build-xen.sh`` WORKDIR."""
+    return cache_root() / "debian" / version
+
+
 def debian_base(version: str, *, jobs: int, progress: Progress) -> DebianBase:
     """Fetch (once) Debian's xen source and ``-dbg`` hypervisor for ``version``, rebuild it
     (once) and insist the build-id equals the shipped one."""
     if not _VERSION_RE.match(version):
         raise UsageError(f"bad Debian version {version!r}")
-    folder = cache_root() / "debian" / version
+    folder = version_folder(version)
     with _locked(folder):
         ref = folder / "ref"
         if not (ref / ".complete").is_file():
@@ -283,7 +290,7 @@ def _download_source(version: str, folder: Path, progress: Progress) -> Path:
 
 
 def _build_debian(top: Path, ref: Path, jobs: int, progress: Progress, xen_syms: Path) -> None:
-    from xsbuild.build import read_build_id
+    from xsbuild.xensyms import read_build_id
 
     shipped = sorted((ref / "boot").glob("xen-*.config"))
     build_tree(top, jobs=jobs, progress=progress, log=top / "xsbuild-base-build.log",

@@ -24,6 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from xsbuild.errors import UsageError, XsbuildError
+from xsbuild.sandbox.loader import IMAGE_BASE
+from xsbuild.sandbox.toolchain import link_image
+from xsbuild.xensyms import read_build_id
 
 DEMO_DATA = Path(__file__).resolve().parent / "data" / "demo"
 SOURCE = "common/version.c"  # relative to the stand-in hypervisor's xen/ directory
@@ -88,8 +91,8 @@ def run_demo(workdir: Path, progress: Progress = lambda _line: None) -> DemoRepo
     orig_src, patched_src = _sources(workdir)
     s = step("compile the original and link the stand-in hypervisor (xen-syms)",
              f"gcc <Xen 4.17 flags> -c {SOURCE}; ld ... -o xen-syms")
-    orig_obj, image = _build_original(workdir, orig_src)
-    s.lines.append(f"{image.name}: {_build_id(image)}")
+    orig_obj, thunks, image = _build_original(workdir, orig_src)
+    s.lines.append(f"{image.name}: build-id {read_build_id(image).hex()}")
     s = step(f"apply {PATCH} and compile the patched object",
              f"patch -p1 < {PATCH}; gcc <same flags> -c {SOURCE}")
     patched_obj = _compile(workdir / "patched", patched_src)
@@ -104,16 +107,17 @@ def run_demo(workdir: Path, progress: Progress = lambda _line: None) -> DemoRepo
                                 f"xsbuild check {PAYLOAD_NAME}.livepatch --xen-syms xen-syms"))
     step("run it: load the stand-in hypervisor, apply the payload, revert it",
          "(in dom0 on a real host: xsbuild load demo.livepatch)")
-    _run(report, image, payload, workdir)
+    patched_image = link_image([patched_obj, thunks], workdir / "xen-syms.patched",
+                               base=IMAGE_BASE)
+    _run(report, image, payload, patched_image)
     return report
 
 
 def _prepare(workdir: Path) -> None:
     if workdir.exists() and (not workdir.is_dir() or any(workdir.iterdir())):
         raise UsageError(f"{workdir} exists and is not an empty directory")
-    for tool in ("patch",):
-        if shutil.which(tool) is None:
-            raise UsageError(f"the demo needs {tool!r} (Debian: apt-get install {tool})")
+    if shutil.which("patch") is None:
+        raise UsageError("the demo needs 'patch' (Debian: apt-get install patch)")
     workdir.mkdir(parents=True, exist_ok=True)
 
 
@@ -140,20 +144,14 @@ def _compile(out_dir: Path, src: Path) -> Path:
     return compile_c(src.read_text(), SOURCE, out_dir / "version.o")
 
 
-def _build_original(workdir: Path, src: Path) -> tuple[Path, Path]:
-    from xsbuild.sandbox.loader import IMAGE_BASE
-    from xsbuild.sandbox.toolchain import THUNKS, THUNKS_NAME, assemble, link_image
+def _build_original(workdir: Path, src: Path) -> tuple[Path, Path, Path]:
+    """The original object, the thunks object, and the stand-in xen-syms linked from both."""
+    from xsbuild.sandbox.toolchain import THUNKS, THUNKS_NAME, assemble
 
     obj = _compile(workdir / "orig", src)
     thunks = assemble(THUNKS.read_text(), THUNKS_NAME, workdir / "orig" / "indirect-thunk.o")
     image = link_image([obj, thunks], workdir / "xen-syms", base=IMAGE_BASE)
-    return obj, image
-
-
-def _build_id(path: Path) -> str:
-    from xsbuild.xensyms import XenSymbols
-
-    return "build-id " + XenSymbols.load(path).build_id.hex()
+    return obj, thunks, image
 
 
 def _diff(workdir: Path, orig: Path, patched: Path, step: DemoStep) -> None:
@@ -194,15 +192,11 @@ def _check(payload: Path, image: Path, step: DemoStep) -> None:
     step.lines.append("OK: Xen's loader would accept it")
 
 
-def _run(report: DemoReport, image: Path, payload: Path, workdir: Path) -> None:
-    from xsbuild.sandbox.loader import IMAGE_BASE
+def _run(report: DemoReport, image: Path, payload: Path, patched_image: Path) -> None:
+    """Apply ``payload`` to ``image`` in a child process; ``patched_image`` (the patched build,
+    linked the same way) says what the patched code must behave like."""
     from xsbuild.sandbox.runner import Call, behaviour_proof
-    from xsbuild.sandbox.toolchain import THUNKS, THUNKS_NAME, assemble, link_image
 
-    # The patched build, linked the same way: what the patched code must behave like.
-    thunks = assemble(THUNKS.read_text(), THUNKS_NAME, workdir / "patched" / "indirect-thunk.o")
-    patched_image = link_image([workdir / "patched" / "version.o", thunks],
-                               workdir / "xen-syms.patched", base=IMAGE_BASE)
     calls = [Call(c.fn, c.args, c.ret) for c in report.calls]
     proof = behaviour_proof(image, patched_image, payload, calls)
     report.before, report.applied, report.reverted = proof.before, proof.applied, proof.reverted

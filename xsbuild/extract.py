@@ -61,12 +61,12 @@ class SpecialSection:
 
 
 SPECIAL_SECTIONS = (
-    SpecialSection(xen_abi.SEC_ALTINSTRUCTIONS, xen_abi.ALT_INSTR_SIZE, fragment_field=4,
+    SpecialSection(xen_abi.SEC_ALTINSTRUCTIONS,
+                   xen_abi.special_entry_size(xen_abi.SEC_ALTINSTRUCTIONS), fragment_field=4,
                    fragment_section=xen_abi.SEC_ALTINSTR_REPLACEMENT),
-    SpecialSection(xen_abi.SEC_EX_TABLE, xen_abi.EX_TABLE_ENTRY_SIZE, fragment_field=4,
-                   fragment_section=xen_abi.SEC_FIXUP),
-    *(SpecialSection(name, xen_abi.BUG_FRAME_SIZE * (2 if name.endswith(".3") else 1),
-                     real_offset=bug_frame_real_offset)
+    SpecialSection(xen_abi.SEC_EX_TABLE, xen_abi.special_entry_size(xen_abi.SEC_EX_TABLE),
+                   fragment_field=4, fragment_section=xen_abi.SEC_FIXUP),
+    *(SpecialSection(name, xen_abi.special_entry_size(name), real_offset=bug_frame_real_offset)
       for name in xen_abi.BUG_FRAME_SECTIONS),
 )
 

@@ -523,7 +523,7 @@ class _Builder:
 
     def _group_key(self, sec: Section, r: Reloc) -> tuple[str, str]:
         if sec.name in xen_abi.BUG_FRAME_SECTIONS:  # see _bug_target
-            frame = r.offset - r.offset % _entry_size(sec.name)
+            frame = r.offset - r.offset % xen_abi.special_entry_size(sec.name)
             t = target_of(r, real_offset=bug_frame_real_offset(r.addend, r.offset - frame))
         else:
             t = target_of(r, self._pc_adjust(sec, r))
@@ -545,7 +545,7 @@ class _Builder:
             field_name = {xen_abi.FUNC_OFF_NAME: "name", xen_abi.FUNC_OFF_NEW_ADDR: "new_addr",
                           xen_abi.FUNC_OFF_OLD_ADDR: "old_addr"}.get(rest, f"+{rest:#x}")
             return f"{sec.name}[{i}].{field_name}"
-        size = _entry_size(sec.name) or (
+        size = xen_abi.special_entry_size(sec.name) or (
             xen_abi.HOOK_POINTER_SIZE if sec.name.startswith(xen_abi.HOOK_PREFIX) else 0)
         if size:
             return f"{sec.name}[{offset // size}]"
@@ -559,7 +559,7 @@ class _Builder:
         out: list[SpecialEntry] = []
         for name, decode in self._decoders():
             sec = self.elf.section(name)
-            size = _entry_size(name)
+            size = xen_abi.special_entry_size(name)
             if sec is None or sec.is_nobits or not size or sec.size % size:
                 continue
             relocs = {r.offset: r for r in sec.relocs}
@@ -680,15 +680,3 @@ def _string_or_label(r: Reloc | None) -> str:
         return f"<outside {with_offset(sec.name, where)}>"
     text = string_of(r, 0)
     return text if text is not None else reloc_label(r, 0)
-
-
-def _entry_size(name: str) -> int:
-    if name == xen_abi.SEC_ALTINSTRUCTIONS:
-        return xen_abi.ALT_INSTR_SIZE
-    if name == xen_abi.SEC_EX_TABLE:
-        return xen_abi.EX_TABLE_ENTRY_SIZE
-    if name in xen_abi.BUG_FRAME_SECTIONS:
-        # Assert frames carry a second frame for the message (spec §1.4).
-        return xen_abi.BUG_FRAME_SIZE * (2 if name == xen_abi.BUG_FRAME_SECTIONS[3] else 1)
-    return 0
-

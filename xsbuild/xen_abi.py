@@ -69,6 +69,18 @@ BUG_FRAME_SIZE = 8  # struct bug_frame
 # ".rela.bug_frames.2" addends such as ".text.fixup_exception_return + 0x7000148").
 BUG_DISP_WIDTH = 24
 EX_TABLE_ENTRY_SIZE = 8  # struct exception_table_entry {s32 addr, cont}
+BUG_FRAME_ASSERT = BUG_FRAME_SECTIONS[3]  # assert frames carry a second frame: the message
+
+
+def special_entry_size(section: str) -> int:
+    """Bytes per entry of an arch special section (0 for any other section)."""
+    if section == SEC_ALTINSTRUCTIONS:
+        return ALT_INSTR_SIZE
+    if section == SEC_EX_TABLE:
+        return EX_TABLE_ENTRY_SIZE
+    if section in BUG_FRAME_SECTIONS:
+        return BUG_FRAME_SIZE * (2 if section == BUG_FRAME_ASSERT else 1)
+    return 0
 
 # --------------------------------------------------------------------------------------------
 # struct livepatch_func (spec §1.5): 104 bytes, version 2

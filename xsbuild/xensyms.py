@@ -155,6 +155,26 @@ def parse_build_id_note(note: bytes) -> bytes:
     return note[desc_off:desc_off + descsz]
 
 
+def read_build_id(path: str | os.PathLike[str]) -> bytes:
+    """The GNU build-id of an ELF file (``xen-syms`` or a payload), without reading its
+    symbols; :class:`UsageError` when there is none."""
+    from elftools.common.exceptions import ELFError
+    from elftools.elf.elffile import ELFFile
+
+    try:
+        with open(path, "rb") as f:
+            sec = ELFFile(f).get_section_by_name(xen_abi.SEC_BUILD_ID)
+            note = sec.data() if sec is not None else b""
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    except ELFError as exc:
+        raise UsageError(f"{path}: not an ELF file: {exc}") from exc
+    build_id = parse_build_id_note(note)
+    if not build_id:
+        raise UsageError(f"{path}: no GNU build-id note")
+    return build_id
+
+
 def build_id_note(build_id: bytes) -> bytes:
     """A GNU build-id note carrying ``build_id`` (the layout ``ld --build-id`` writes)."""
     return (xen_abi.NOTE_HEADER.pack(len(xen_abi.NOTE_NAME_GNU), len(build_id),

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
-from xsbuild.debian import STAMP, cache_root, debian_base
+from xsbuild.debian import STAMP, debian_base, version_folder
 from xsbuild.errors import XsbuildError
 
 DEBIAN_XEN_VERSION = "4.17.5+72-g01140da4e8"
@@ -115,7 +115,7 @@ def product_tree_dir() -> Path:
     """Where ``xsbuild build --debian`` keeps Debian's rebuilt tree (same layout as a
     build-xen.sh WORKDIR: ``ref/`` and ``xen-<version>/``): the suite shares it, so a machine
     builds Debian's hypervisor once for the product and the tests together."""
-    return cache_root() / "debian" / f"{DEBIAN_XEN_VERSION}-1"
+    return version_folder(f"{DEBIAN_XEN_VERSION}-1")
 
 
 def find_tree() -> DebianTree | None:

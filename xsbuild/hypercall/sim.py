@@ -50,6 +50,7 @@ from xsbuild.check import FuncInfo, PayloadInfo
 from xsbuild.errors import UsageError
 from xsbuild.hypercall import abi
 from xsbuild.hypercall.backend import parse_duration_ns
+from xsbuild.xensyms import read_build_id
 
 STATE_FORMAT = 1
 ENV_STATE = "XSBUILD_SIM_STATE"
@@ -322,21 +323,16 @@ def validate_payload(data: bytes, xen_syms: str | None, loaded: list[PayloadInfo
                      hypervisor_build_id: bytes) -> PayloadInfo:
     """What the loader learns from ``data``, or :class:`XenError` with the errno Xen returns.
 
-    Uses ``xsbuild.check.check_payload`` (the offline copy of the 4.17 loader); while that is
-    not written yet, a minimal reader of the notes, hooks and sections stands in.
+    Uses ``xsbuild.check.check_payload``, the offline copy of the 4.17 loader.
     """
     from xsbuild import check
 
-    try:
-        report = check.check_payload(data, _open_xen_syms(xen_syms), loaded=loaded)
-    except NotImplementedError:
-        info = minimal_payload_info(data)
-    else:
-        if report.problems:
-            first = report.problems[0]
-            raise XenError(first.errno, first.message)
-        assert report.info is not None
-        info = report.info
+    report = check.check_payload(data, _open_xen_syms(xen_syms), loaded=loaded)
+    if report.problems:
+        first = report.problems[0]
+        raise XenError(first.errno, first.message)
+    assert report.info is not None
+    info = report.info
     if info.xen_depends != hypervisor_build_id:
         raise XenError(xen_abi.EINVAL, "check against hypervisor build-id failed")
     return info
@@ -349,59 +345,6 @@ def _open_xen_syms(path: str | None) -> object | None:
     from xsbuild.xensyms import XenSymbols
 
     return XenSymbols.load(path)
-
-
-def _note_desc(section_data: bytes) -> bytes:
-    """The descriptor of a GNU build-id note, checked as ``xen_build_id_check`` does (§1.6)."""
-    hdr = xen_abi.NOTE_HEADER
-    if len(section_data) <= hdr.size:
-        raise XenError(xen_abi.EINVAL, "note too small")
-    namesz, descsz, ntype = hdr.unpack_from(section_data)
-    if (ntype != xen_abi.NT_GNU_BUILD_ID or namesz < 4 or descsz == 0
-            or namesz + descsz > len(section_data) - hdr.size
-            or section_data[hdr.size:hdr.size + namesz] != xen_abi.NOTE_NAME_GNU):
-        raise XenError(xen_abi.EINVAL, "malformed build-id note")
-    start = hdr.size + (namesz + 3) // 4 * 4
-    return section_data[start:start + descsz]
-
-
-def minimal_payload_info(data: bytes) -> PayloadInfo:
-    """Read the notes, hooks, .modinfo and writable sections; the stand-in for ``check``."""
-    import io
-
-    from elftools.common.exceptions import ELFError
-    from elftools.elf.elffile import ELFFile
-
-    try:
-        elf = ELFFile(io.BytesIO(data))
-        secs = {s.name: s for s in elf.iter_sections()}
-    except (ELFError, ValueError) as exc:
-        raise XenError(xen_abi.EINVAL, f"not an ELF payload: {exc}") from None
-    for name in xen_abi.REQUIRED_NOTE_SECTIONS:
-        if name not in secs:
-            raise XenError(xen_abi.EINVAL, f"{name} is missing")
-    info = PayloadInfo(build_id=_note_desc(secs[xen_abi.SEC_BUILD_ID].data()),
-                       depends=_note_desc(secs[xen_abi.SEC_DEPENDS].data()),
-                       xen_depends=_note_desc(secs[xen_abi.SEC_XEN_DEPENDS].data()))
-    for kind in xen_abi.HOOK_KINDS:
-        sec = secs.get(xen_abi.HOOK_PREFIX + kind)
-        if sec is not None and sec["sh_size"]:
-            info.hooks[kind] = sec["sh_size"] // xen_abi.HOOK_POINTER_SIZE
-    if not any(secs.get(n) is not None and secs[n]["sh_size"]
-               for n in xen_abi.PATCHING_SECTIONS):
-        raise XenError(xen_abi.EINVAL, "Nothing to patch")
-    if xen_abi.SEC_MODINFO in secs:
-        info.modinfo = secs[xen_abi.SEC_MODINFO].data()
-    info.safe_to_reapply = _safe_to_reapply(elf)
-    return info
-
-
-def _safe_to_reapply(elf: Any) -> bool:
-    """Spec §1.3: no non-empty writable section, or only ``.livepatch.funcs``."""
-    shf_write, shf_alloc = 0x1, 0x2
-    writable = [s.name for s in elf.iter_sections()
-                if s["sh_flags"] & shf_alloc and s["sh_flags"] & shf_write and s["sh_size"]]
-    return not writable or writable == [xen_abi.SEC_FUNCS]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -472,25 +415,6 @@ def config_from_env(base: SimConfig, env: Mapping[str, str]) -> SimConfig:
     except (ValueError, UsageError) as exc:
         raise UsageError(f"bad simulator setting in the environment: {exc}") from None
     return cfg
-
-
-def read_build_id(xen_syms: str) -> bytes:
-    """The ``.note.gnu.build-id`` descriptor of a hypervisor ELF (``xen-syms``)."""
-    from elftools.common.exceptions import ELFError
-    from elftools.elf.elffile import ELFFile
-
-    try:
-        with open(xen_syms, "rb") as fh:
-            sec = ELFFile(fh).get_section_by_name(xen_abi.SEC_BUILD_ID)
-            data = sec.data() if sec is not None else None
-    except (OSError, ELFError) as exc:
-        raise UsageError(f"cannot read the build-id of {xen_syms}: {exc}") from None
-    if data is None:
-        raise UsageError(f"{xen_syms} has no {xen_abi.SEC_BUILD_ID} section")
-    try:
-        return _note_desc(data)
-    except XenError:
-        raise UsageError(f"{xen_syms}: malformed {xen_abi.SEC_BUILD_ID}") from None
 
 
 # ------------------------------------------------------------------------------------------------
