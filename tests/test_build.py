@@ -32,8 +32,9 @@ from xsbuild.capture import (
     capture,
     parse_cmd_file,
     parse_patch_files,
+    replay_tree,
 )
-from xsbuild.errors import UnsupportedChangeError, UsageError
+from xsbuild.errors import EXIT_REPLAY, ReplayError, UnsupportedChangeError, UsageError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -83,7 +84,8 @@ def compile_c(src, extra=()):
     argv = [CC, "-MMD", "-MP", "-MF", dfile] + CFLAGS + list(extra) + [
         "-D__OBJECT_LABEL__=" + obj, "-c", src, "-o", tmp, "-MQ", obj]
     sh(argv)
-    sh(["objcopy", "--redefine-sym", os.path.basename(src) + "=" + src, tmp, obj])
+    real = os.path.relpath(os.path.realpath(src))  # Rules.mk rel-path: symlinks resolved
+    sh(["objcopy", "--redefine-sym", os.path.basename(src) + "=" + real, tmp, obj])
     os.unlink(tmp)
     write_cmd(obj, shlex.join(argv), src, read_deps(dfile))
     return obj
@@ -118,7 +120,14 @@ if os.path.exists("common/delta.c"):
     common.append(compile_c("common/delta.c"))
 common.append(init_o(compile_c("common/setup.c", ["-DINIT_SECTIONS_ONLY"])))
 ld_r("common/built_in.o", common)
-ld_r("arch/x86/built_in.o", [compile_s("arch/x86/entry.S")])
+# As Xen's efi-common.mk: the build links arch/x86/efi/rt.c to common/efi/rt.c through the
+# "source -> ." link and compiles it with its own flags.
+if not os.path.lexists("source"):
+    os.symlink(".", "source")
+if not os.path.lexists("arch/x86/efi/rt.c"):
+    os.symlink("../../../source/common/efi/rt.c", "arch/x86/efi/rt.c")
+efi = compile_c("arch/x86/efi/rt.c", ["-fshort-wchar", "-iquote", "./common/efi"])
+ld_r("arch/x86/built_in.o", [compile_s("arch/x86/entry.S"), efi])
 compile_c("arch/x86/boot/helper.c")   # built, never linked (like Xen's 32-bit boot code)
 ld_r("prelink.o", ["common/built_in.o", "arch/x86/built_in.o"])
 sh(["ld", "--build-id=sha1", "-e", "entry", "-o", "xen-syms", "prelink.o"])
@@ -181,6 +190,18 @@ SOURCES = {
         }
         """,
     "xen/common/Makefile": "obj-y += alpha.o beta.o gamma.o\nobj-y += setup.init.o\n",
+    "xen/common/efi/efi.h": """\
+        #define EFI_REVISION 7
+        """,
+    "xen/common/efi/rt.c": """\
+        #include "efi.h"
+
+        int efi_revision(void)
+        {
+            return EFI_REVISION;
+        }
+        """,
+    "xen/arch/x86/efi/Makefile": "# rt.c is a link made by the build\n",
     "xen/arch/x86/entry.S": """\
         #include <xen/asmdefs.h>
         .text
@@ -464,13 +485,113 @@ def test_header_change_reaching_assembly_is_refused(tree: Path, tmp_path: Path) 
 
 def test_self_check_detects_a_stale_tree(tree: Path, tmp_path: Path) -> None:
     # The source no longer matches the object built from it: refuse, don't build a payload
-    # from objects that are not what the hypervisor runs.
+    # from objects that are not what the hypervisor runs, and blame the tree with the evidence.
     src = tree / "xen/common/gamma.c"
     src.write_text(src.read_text().replace("0x5a", "0x5b"))
     patch = make_patch(tree, {"xen/common/gamma.c": replace_in(
         tree, "xen/common/gamma.c", "x ^", "x |")}, tmp_path / "g.patch")
-    with pytest.raises(UsageError, match=r"self-check failed: recompiling common/gamma\.o"):
+    with pytest.raises(UsageError, match=r"not up to date.*common/gamma\.o: common/gamma\.c is "
+                                         r"newer than the object"):
         run_capture(tree, tmp_path, patch)
+
+
+def test_self_check_names_another_compiler(tree: Path, tmp_path: Path) -> None:
+    # Same sources, but the tree's object says another gcc made it: the tree is at fault.
+    obj = tree / "xen/common/gamma.o"
+    comment = tmp_path / "comment"
+    comment.write_bytes(b"\0GCC: (Other) 99.1.0\0")
+    subprocess.run(["objcopy", f"--update-section=.comment={comment}", str(obj)], check=True)
+    patch = make_patch(tree, {"xen/common/gamma.c": replace_in(
+        tree, "xen/common/gamma.c", "x ^", "x |")}, tmp_path / "g.patch")
+    with pytest.raises(UsageError, match=r"another compiler.*GCC: \(Other\) 99\.1\.0"):
+        run_capture(tree, tmp_path, patch)
+
+
+def test_self_check_blames_xsbuild_without_evidence(tree: Path, tmp_path: Path) -> None:
+    # The tree's object differs from the replay, yet it is newer than its sources and made by
+    # this compiler: xsbuild's replay is at fault (exit 5), naming the object and the step.
+    obj = tree / "xen/common/gamma.o"
+    subprocess.run(["objcopy", "--rename-section", ".text.gamma_fn=.text.gamma_other",
+                    str(obj)], check=True)
+    patch = make_patch(tree, {"xen/common/gamma.c": replace_in(
+        tree, "xen/common/gamma.c", "x ^", "x |")}, tmp_path / "g.patch")
+    with pytest.raises(ReplayError) as info:
+        run_capture(tree, tmp_path, patch)
+    assert info.value.return_code == EXIT_REPLAY == 5
+    assert info.value.problems == [
+        "common/gamma.o: the compile (gcc, then objcopy --redefine-sym) differs "
+        "(other sections: .text.gamma_fn, .text.gamma_other)"]
+    assert "limitation of xsbuild" in str(info.value)
+
+
+def test_self_check_names_the_init_step(tree: Path, tmp_path: Path) -> None:
+    # Only the .init.o copy differs: the message names that step, not the compile.
+    obj = tree / "xen/common/setup.init.o"
+    subprocess.run(["objcopy", "--rename-section", ".init.text=.init.text.x", str(obj)],
+                   check=True)
+    patch = make_patch(tree, {"xen/common/setup.c": replace_in(
+        tree, "xen/common/setup.c", "x + 7", "x + 8")}, tmp_path / "i.patch")
+    with pytest.raises(ReplayError, match=r"common/setup\.init\.o: the setup\.o -> "
+                                          r"setup\.init\.o objcopy step differs"):
+        run_capture(tree, tmp_path, patch)
+
+
+def test_symlinked_source_named_by_its_real_path(tree: Path, tmp_path: Path) -> None:
+    # The EFI pattern: arch/x86/efi/rt.c is a link into common/efi/.  A header change reaches
+    # it, the replay reproduces the tree's object (FILE symbol = the real path), and a patch to
+    # the real file reaches the object through the link -- the shadow's copy, not the tree's.
+    index = TreeIndex.load(tree / "xen")
+    assert index.objects["arch/x86/efi/rt.o"].real_source == "common/efi/rt.c"
+    assert file_symbol(tree / "xen/arch/x86/efi/rt.o") == ["common/efi/rt.c"]
+    header = make_patch(tree, {"xen/common/efi/efi.h": replace_in(
+        tree, "xen/common/efi/efi.h", "7", "8")}, tmp_path / "h.patch")
+    result = run_capture(tree, tmp_path, header)
+    [c] = result.changed
+    assert c.obj == "arch/x86/efi/rt.o"
+    assert c.orig.read_bytes() == (tree / "xen/arch/x86/efi/rt.o").read_bytes()
+    source = make_patch(tree, {"xen/common/efi/rt.c": replace_in(
+        tree, "xen/common/efi/rt.c", "return EFI_REVISION;", "return EFI_REVISION + 1;")},
+        tmp_path / "s.patch")
+    before = tree_hash(tree)
+    again = capture(CaptureRequest(tree, (source,), tmp_path / "w2"))
+    assert tree_hash(tree) == before
+    [c] = again.changed
+    assert c.obj == "arch/x86/efi/rt.o" and c.reasons == ["xen/common/efi/rt.c"]
+    assert c.orig.read_bytes() == (tree / "xen/arch/x86/efi/rt.o").read_bytes()
+    assert file_symbol(c.patched) == ["common/efi/rt.c"]
+
+
+def test_originals_compiled_only_where_the_patch_changed_bytes(tree: Path,
+                                                               tmp_path: Path) -> None:
+    # shared.h reaches alpha.o and beta.o; only alpha.c uses the new macro, so only alpha.o
+    # changes and only its original is compiled (and proven against the tree's).
+    text = (tree / "xen/include/xen/shared.h").read_text() + "#define SHARED_BIAS 1\n"
+    alpha = replace_in(tree, "xen/common/alpha.c", "shared_helper(x) + 1",
+                       "shared_helper(x) + SHARED_BIAS + 1")
+    patch = make_patch(tree, {"xen/include/xen/shared.h": text, "xen/common/alpha.c": alpha},
+                       tmp_path / "b.patch")
+    result = run_capture(tree, tmp_path, patch)
+    assert [c.obj for c in result.changed] == ["common/alpha.o"]
+    assert result.unchanged == ["common/beta.o"]
+    assert sorted(p.name for p in (tmp_path / "work/patched/common").glob("*.o")) == [
+        "alpha.o", "beta.o"]
+    assert sorted(p.name for p in (tmp_path / "work/orig/common").glob("*.o")) == ["alpha.o"]
+
+
+def test_replay_tree_reproduces_every_object(tree: Path, tmp_path: Path) -> None:
+    index = TreeIndex.load(tree / "xen")
+    before = tree_hash(tree)
+    report = replay_tree(tree, tmp_path / "w", jobs=2, index=index)
+    assert tree_hash(tree) == before
+    assert (report.different, report.failed) == ([], [])
+    assert sorted(report.identical) == sorted(o.final for o in index.objects.values())
+    # ... and it can fail: a tree object that is not what its line makes is named, with a step.
+    subprocess.run(["objcopy", "--rename-section", ".text.beta=.text.other",
+                    str(tree / "xen/common/beta.o")], check=True)
+    report = replay_tree(tree, tmp_path / "w2", jobs=1)
+    assert report.different == [
+        "common/beta.o: the compile (gcc, then objcopy --redefine-sym) differs "
+        "(other sections: .text.beta, .text.other)"]
 
 
 def test_files_outside_the_hypervisor_are_ignored(tree: Path, tmp_path: Path) -> None:
@@ -632,6 +753,39 @@ def test_debian_init_object_and_header(debian_tree: DebianTree, tmp_path: Path) 
     result = run_capture(top, tmp_path, patch, jobs=2)
     touched = {c.obj for c in result.changed} | set(result.unchanged)
     assert touched == {o.final for o in users if o.final in index.linked}
+
+
+@pytest.mark.slow
+def test_debian_replay_reproduces_every_object(debian_tree: DebianTree, tmp_path: Path) -> None:
+    # Every object of Debian's tree, EFI objects, .init.o copies, assembly and host tools
+    # included, comes out of the capture path byte for byte: N of N.
+    report = replay_tree(debian_tree.source_top, tmp_path / "w", jobs=os.cpu_count() or 2)
+    assert report.different == [] and report.failed == []
+    assert report.total == len(report.identical) > 300
+    assert {"arch/x86/efi/runtime.o", "arch/x86/efi/boot.init.o",
+            "common/version.o"} <= set(report.identical)
+
+
+@pytest.mark.slow
+def test_debian_header_reaching_efi_objects(debian_tree: DebianTree, tmp_path: Path) -> None:
+    # A header the EFI objects include (the blocker of a quarter of real fixes) plus the real
+    # file behind the arch/x86/efi/runtime.c link: every EFI object is recompiled, only
+    # runtime.o changes, and only its original is compiled and proven against the tree's.
+    top = debian_tree.source_top
+    rel_h, rel_c = "xen/common/efi/efi.h", "xen/common/efi/runtime.c"
+    patch = make_patch(top, {
+        rel_h: replace_in(top, rel_h, "extern const CHAR16 *efi_fw_vendor;",
+                          "extern const CHAR16 *efi_fw_vendor;\nextern int xsb_unused;"),
+        rel_c: replace_in(top, rel_c, "while ( n && *s != c )", "while ( n > 1 && *s != c )"),
+    }, tmp_path / "efi.patch")
+    result = run_capture(top, tmp_path, patch)
+    [c] = result.changed
+    assert c.obj == "arch/x86/efi/runtime.o"
+    assert c.orig.read_bytes() == (top / "xen" / c.obj).read_bytes()
+    assert file_symbol(c.patched) == ["common/efi/runtime.c"]
+    assert {"arch/x86/efi/compat.o", "arch/x86/efi/boot.init.o",
+            "arch/x86/efi/pe.init.o"} <= set(result.unchanged)
+    assert sorted(p.name for p in (tmp_path / "work/orig").rglob("*.o")) == ["runtime.o"]
 
 
 # ------------------------------------------------------------------------------------------

@@ -24,6 +24,8 @@ Everything here is independent of the differ and linker, so it is tested on its 
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
 import re
 import shlex
@@ -36,7 +38,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from xsbuild.errors import UnsupportedChangeError, UsageError
+from xsbuild.errors import ReplayError, UnsupportedChangeError, UsageError
 
 # Called with one line of progress for the long steps (the CLI prints it on stderr).
 Progress = Callable[[str], None]
@@ -69,6 +71,16 @@ class ObjectCmd:
     source: str
     deps: frozenset[str]
     init_cmd: str | None = None
+    # The source with symlinks resolved, relative to ``xen/`` (Rules.mk ``rel-path``: realpath,
+    # then the tree's top stripped).  It differs from ``source`` for the EFI objects, whose
+    # ``arch/x86/efi/*.c`` are links into ``common/efi/`` made by ``efi-common.mk``: the FILE
+    # symbol names the real file, and a patch to the real file reaches the object.
+    real_source: str = ""
+
+    @property
+    def file_symbol(self) -> str:
+        """What ``objcopy --redefine-sym`` names the STT_FILE symbol."""
+        return self.real_source or self.source
 
     @property
     def is_asm(self) -> bool:
@@ -140,15 +152,17 @@ class TreeIndex:
                 if name.startswith(".") and name.endswith(".cmd"):
                     text = (Path(dirpath) / name).read_text(errors="replace")
                     entries.update(parse_cmd_file(text))
-        objects = _objects_from_entries(entries)
+        objects = _with_real_sources(_objects_from_entries(entries), xen_dir)
         if not objects:
             raise UsageError(f"{xen_dir}: no .o.cmd files with compile lines; is it built?")
         return cls(xen_dir, objects, _linked_closure(entries), _recorded_top(objects))
 
     def affected(self, path: str) -> list[ObjectCmd]:
-        """Objects compiled from ``path`` or including it (paths relative to ``xen/``)."""
+        """Objects compiled from ``path`` (directly or through a symlink) or including it
+        (paths relative to ``xen/``)."""
         path = os.path.normpath(path)
-        return [o for o in self.objects.values() if o.source == path or path in o.deps]
+        return [o for o in self.objects.values()
+                if path in (o.source, o.real_source) or path in o.deps]
 
     def sibling_template(self, new_source: str) -> ObjectCmd:
         """The compile line a new ``.c`` file gets: that of a C object in the same directory.
@@ -183,6 +197,17 @@ def _objects_from_entries(entries: dict[str, dict[str, str]]) -> dict[str, Objec
         objects[target] = ObjectCmd(target, argv, os.path.normpath(source),
                                     _parse_deps(e.get("deps", "")), init)
     return objects
+
+
+def _with_real_sources(objects: dict[str, ObjectCmd], xen_dir: Path) -> dict[str, ObjectCmd]:
+    """Record each object's symlink-resolved source (see :attr:`ObjectCmd.real_source`)."""
+    top = os.path.realpath(xen_dir)
+    out = {}
+    for name, o in objects.items():
+        real = os.path.realpath(xen_dir / o.source)
+        rel = os.path.relpath(real, top) if real.startswith(top + os.sep) else real
+        out[name] = dataclasses.replace(o, real_source=rel)
+    return out
 
 
 def _linked_closure(entries: dict[str, dict[str, str]]) -> frozenset[str]:
@@ -307,17 +332,17 @@ class Shadow:
             out = dst / rel if rel != "." else dst
             out.mkdir(exist_ok=True)
             for name in filenames:
-                os.symlink(os.path.join(dirpath, name), out / name)
+                os.symlink(_mirrored_link(os.path.join(dirpath, name), src, dst), out / name)
             for name in list(dirnames):
                 if os.path.islink(os.path.join(dirpath, name)):
-                    os.symlink(os.readlink(os.path.join(dirpath, name)), out / name)
+                    os.symlink(_mirrored_link(os.path.join(dirpath, name), src, dst), out / name)
                     dirnames.remove(name)
 
     def materialize(self, rel: str) -> Path:
         """Make ``rel`` (relative to the top) a real file in the shadow, creating real parents."""
         path = self.real_parents(rel)
         if path.is_symlink():
-            target = Path(os.readlink(path))
+            target = Path(os.path.realpath(path))
             path.unlink()
             if target.is_dir():
                 raise UsageError(f"the patch names {rel}, which is a directory in the tree")
@@ -331,7 +356,7 @@ class Shadow:
         for part in parts[:-1]:
             nxt = cur / part
             if nxt.is_symlink():
-                target = Path(os.readlink(nxt))
+                target = Path(os.path.realpath(nxt))
                 nxt.unlink()
                 nxt.mkdir()
                 for entry in os.listdir(target):
@@ -340,6 +365,26 @@ class Shadow:
                 nxt.mkdir()
             cur = nxt
         return cur / parts[-1]
+
+
+def _mirrored_link(path: str, src: Path, dst: Path) -> str:
+    """What the shadow's entry for the tree's ``path`` points at.
+
+    A plain file or directory: the tree's own path.  A symlink that stays inside the tree (the
+    EFI sources ``arch/x86/efi/boot.c -> ../../../source/common/efi/boot.c``, ``source -> .``):
+    the same link, relative links verbatim, so it resolves to the *shadow's* copy, which the
+    patch may have changed.  A symlink leaving the tree: its target, as it is.
+    """
+    if not os.path.islink(path):
+        return path
+    target = os.readlink(path)
+    real = os.path.realpath(path)
+    top = os.path.realpath(src)
+    if real != top and not real.startswith(top + os.sep):
+        return path
+    if not os.path.isabs(target):
+        return target
+    return str(dst / os.path.relpath(real, top))
 
 
 # ------------------------------------------------------------------------------------------
@@ -377,7 +422,7 @@ def compile_object(o: ObjectCmd, *, cwd: Path, out_dir: Path, new_top: Path | No
     steps: list[list[str] | str] = []
     if o.unique_symbols and not o.is_asm:
         base = os.path.basename(o.source)
-        steps.append([OBJCOPY, f"--redefine-sym={base}={o.source}", str(raw), str(plain)])
+        steps.append([OBJCOPY, f"--redefine-sym={base}={o.file_symbol}", str(raw), str(plain)])
     else:
         steps.append(["mv", "-f", str(raw), str(plain)])
     if o.init_cmd:
@@ -505,19 +550,33 @@ def capture(req: CaptureRequest, index: TreeIndex | None = None,
     result.timings["prepare"] = _since(t0)
 
     plan = _plan(index, touched, result)
-    progress(f"compiling {len(plan)} object(s), original and patched (-j{req.jobs})")
-    t1 = time.monotonic()
-    orig = _compile_phase(plan, req, shadow, index, "orig", touched)
-    result.timings["compile_orig"] = _since(t1)
-    if req.self_check:
-        _self_check(plan, orig, index)
     _apply_patches(req.patches, shadow.dst, hyp_prefix, dry_run=False)
-    t2 = time.monotonic()
-    patched = _compile_phase(plan, req, shadow, index, "patched", touched)
-    result.timings["compile_patched"] = _since(t2)
-    _compare(plan, orig, patched, result)
+    progress(f"compiling {len(plan)} patched object(s) (-j{req.jobs})")
+    t1 = time.monotonic()
+    patched = _compile_phase(plan, req, shadow, index, "patched")
+    result.timings["compile_patched"] = _since(t1)
+    # An object the patch leaves byte-identical to the tree's needs no original: only where
+    # the bytes differ must the replay be proven faithful, by recompiling the original.
+    differing = [p for p in plan if p.new or not _same_as_tree(p, patched, index)]
+    result.unchanged.extend(p.cmd.final for p in plan if p not in differing)
+    orig: dict[str, CompiledObject] = {}
+    if differing:
+        progress(f"compiling the original of {len(differing)} changed object(s)")
+        t2 = time.monotonic()
+        _apply_patches(req.patches, shadow.dst, hyp_prefix, dry_run=False, reverse=True)
+        orig = _compile_phase(differing, req, shadow, index, "orig")
+        result.timings["compile_orig"] = _since(t2)
+        if req.self_check:
+            _self_check(differing, orig, index)
+    _compare(differing, orig, patched, result)
+    result.unchanged.sort()
     result.timings["capture_total"] = _since(t0)
     return result
+
+
+def _same_as_tree(p: _Planned, compiled: dict[str, CompiledObject], index: TreeIndex) -> bool:
+    tree_obj = index.xen_dir / p.cmd.final
+    return tree_obj.is_file() and tree_obj.read_bytes() == compiled[p.cmd.final].path.read_bytes()
 
 
 def _hypervisor_prefix(req: CaptureRequest) -> str:
@@ -552,8 +611,9 @@ def _touched_files(patches: tuple[Path, ...], prefix: str) -> list[PatchedFile]:
 
 
 def _apply_patches(patches: tuple[Path, ...], shadow_top: Path, prefix: str, *,
-                   dry_run: bool) -> None:
-    """Apply (or try) every patch in order inside the shadow, refusing fuzz.
+                   dry_run: bool, reverse: bool = False) -> None:
+    """Apply (or try) every patch in order inside the shadow, refusing fuzz; with ``reverse``,
+    undo them, last first (the shadow goes back to the tree's sources).
 
     A dry run of patch N can only be trusted if patches 1..N-1 are in place, so for several
     patches the dry run is done on a scratch copy of the materialized files.
@@ -567,9 +627,10 @@ def _apply_patches(patches: tuple[Path, ...], shadow_top: Path, prefix: str, *,
         finally:
             shutil.rmtree(scratch)
         return
-    for patch in patches:
-        args = ["patch", "-p1", "--forward", "--batch", "--fuzz=0", "--no-backup-if-mismatch",
+    for patch in reversed(patches) if reverse else patches:
+        args = ["patch", "-p1", "--batch", "--fuzz=0", "--no-backup-if-mismatch",
                 "-d", str(root), "-i", str(patch.resolve())]
+        args.append("--reverse" if reverse else "--forward")
         if dry_run:
             args.append("--dry-run")
         run = subprocess.run(args, capture_output=True, text=True, check=False)
@@ -628,7 +689,7 @@ def _plan(index: TreeIndex, touched: list[PatchedFile], result: CaptureResult) -
 
 
 def _compile_phase(plan: list[_Planned], req: CaptureRequest, shadow: Shadow, index: TreeIndex,
-                   phase: str, touched: list[PatchedFile]) -> dict[str, CompiledObject]:
+                   phase: str) -> dict[str, CompiledObject]:
     """Compile every planned object in the shadow's current state (before or after patching).
 
     A new source file does not exist before the patch: its "original" is compiled from an empty
@@ -640,6 +701,7 @@ def _compile_phase(plan: list[_Planned], req: CaptureRequest, shadow: Shadow, in
         for p in plan:
             if p.new:
                 path = shadow.dst / "xen" / p.cmd.source
+                path.parent.mkdir(parents=True, exist_ok=True)  # patch -R may remove it
                 path.write_text("")
                 placeholders.append(path)
     try:
@@ -659,20 +721,98 @@ def _compile_phase(plan: list[_Planned], req: CaptureRequest, shadow: Shadow, in
 
 
 def _self_check(plan: list[_Planned], orig: dict[str, CompiledObject], index: TreeIndex) -> None:
-    """Each recompiled original must equal the tree's object, byte for byte."""
-    bad = []
-    for p in plan:
-        if p.new:
-            continue
-        tree_obj = index.xen_dir / p.cmd.final
-        if not tree_obj.is_file() or tree_obj.read_bytes() != orig[p.cmd.final].path.read_bytes():
-            bad.append(p.cmd.final)
-    if bad:
+    """Each recompiled original must equal the tree's object, byte for byte.
+
+    When one does not, say whose fault it is, and only with evidence: a source or header newer
+    than the object, or a ``.comment`` naming another compiler, means the tree is not the
+    build of its sources (exit 2); otherwise the replay is at fault, which is xsbuild's
+    limitation (:class:`ReplayError`), and the message names the object and the step.
+    """
+    bad = [p for p in plan if not p.new and not _same_as_tree(p, orig, index)]
+    if not bad:
+        return
+    stale = [f"{p.cmd.final}: {why}" for p in bad if (why := _staleness(p.cmd, index))]
+    if stale:
         raise UsageError(
-            f"self-check failed: recompiling {', '.join(bad[:5])}"
-            f"{' and others' if len(bad) > 5 else ''} from the unpatched sources does not "
-            "reproduce the tree's object; the tree is not up to date with its sources or was "
-            "built with another compiler. Rebuild the base tree (make -C xen) and retry.")
+            f"the tree is not up to date with its sources ({stale[0]}"
+            f"{f'; and {len(stale) - 1} more' if len(stale) > 1 else ''}): rebuild it "
+            "(make -C xen) and retry")
+    compilers = [f"{p.cmd.final}: {why}" for p in bad
+                 if (why := _other_compiler(p.cmd, orig[p.cmd.final].path, index))]
+    if compilers:
+        raise UsageError(f"the tree was built with another compiler than this machine's "
+                         f"({compilers[0]}): build the payload where the tree was built")
+    raise ReplayError([f"{p.cmd.final}: {_replay_difference(p.cmd, orig, index)}"
+                       for p in bad])
+
+
+def _staleness(o: ObjectCmd, index: TreeIndex) -> str:
+    """Evidence that the tree's object predates its inputs, or ``""``."""
+    obj = index.xen_dir / o.final
+    if not obj.is_file():
+        return "the object is missing from the tree"
+    built = obj.stat().st_mtime_ns
+    for dep in sorted({o.source, *o.deps}):
+        path = index.xen_dir / dep
+        with contextlib.suppress(OSError):
+            if path.stat().st_mtime_ns > built:
+                return f"{dep} is newer than the object"
+    return ""
+
+
+def _other_compiler(o: ObjectCmd, replayed: Path, index: TreeIndex) -> str:
+    """Evidence that another compiler made the tree's object (its ``.comment``), or ``""``."""
+    theirs = _comment(index.xen_dir / o.final)
+    ours = _comment(replayed)
+    if theirs != ours:
+        return f"its .comment says {theirs or 'nothing'!r}, this compiler writes {ours!r}"
+    return ""
+
+
+def _comment(obj: Path) -> str:
+    from elftools.elf.elffile import ELFFile
+
+    with obj.open("rb") as f:
+        sec = ELFFile(f).get_section_by_name(".comment")
+        data = sec.data() if sec is not None else b""
+    return " ".join(part.decode(errors="replace") for part in data.split(b"\0") if part)
+
+
+def _replay_difference(o: ObjectCmd, compiled: dict[str, CompiledObject],
+                       index: TreeIndex) -> str:
+    """Which step of the replay made a different object, and where the bytes first differ."""
+    final = compiled[o.final].path
+    if o.init_cmd:
+        plain_ours, plain_tree = final.parent / Path(o.obj).name, index.xen_dir / o.obj
+        if plain_tree.is_file() and plain_ours.read_bytes() == plain_tree.read_bytes():
+            return (f"the {Path(o.obj).name} -> {Path(o.final).name} objcopy step differs "
+                    f"({_first_section_difference(final, index.xen_dir / o.final)})")
+        step = "the compile (gcc, then objcopy --redefine-sym), before the .init.o step"
+    elif o.unique_symbols and not o.is_asm:
+        step = "the compile (gcc, then objcopy --redefine-sym)"
+    else:
+        step = "the compile"
+    return f"{step} differs ({_first_section_difference(final, index.xen_dir / o.final)})"
+
+
+def _first_section_difference(ours: Path, theirs: Path) -> str:
+    from elftools.common.exceptions import ELFError
+    from elftools.elf.elffile import ELFFile
+
+    try:
+        with ours.open("rb") as fa, theirs.open("rb") as fb:
+            a, b = ELFFile(fa), ELFFile(fb)
+            names_a = [sec.name for sec in a.iter_sections()]
+            names_b = [sec.name for sec in b.iter_sections()]
+            if names_a != names_b:
+                only = sorted(set(names_a) ^ set(names_b))
+                return f"other sections: {', '.join(only[:3]) or 'same names, other order'}"
+            for sa, sb in zip(a.iter_sections(), b.iter_sections(), strict=True):
+                if sa.header != sb.header or sa.data() != sb.data():
+                    return f"first in section {sa.name}"
+    except (OSError, ELFError) as exc:
+        return f"cannot read the objects: {exc}"
+    return "same sections, other file layout"
 
 
 def _compare(plan: list[_Planned], orig: dict[str, CompiledObject],
@@ -690,3 +830,50 @@ def _compare(plan: list[_Planned], orig: dict[str, CompiledObject],
             result.changed.append(CapturedObject(name, o, n, p.new, p.reasons))
     if problems:
         raise UnsupportedChangeError(problems)
+
+
+# ------------------------------------------------------------------------------------------
+# Proving the replay on a whole tree
+
+
+@dataclass(slots=True)
+class ReplayReport:
+    """:func:`replay_tree`'s findings: every object of the tree, identical or not."""
+
+    identical: list[str] = field(default_factory=list)
+    different: list[str] = field(default_factory=list)  # "obj: which step differs (where)"
+    failed: list[str] = field(default_factory=list)  # "obj: compiler output"
+    seconds: float = 0.0
+
+    @property
+    def total(self) -> int:
+        return len(self.identical) + len(self.different) + len(self.failed)
+
+
+def replay_tree(top: Path, workdir: Path, *, jobs: int = 2,
+                index: TreeIndex | None = None) -> ReplayReport:
+    """Recompile every object of the built tree at ``top`` through the capture path (shadow,
+    rewritten compile lines, objcopy steps) and compare each with the tree's, byte for byte.
+
+    This is what every payload build relies on: for an N-of-N tree, any object a patch reaches
+    is reproduced exactly, whatever header the patch changes.  ``workdir`` must not exist.
+    """
+    start = time.monotonic()
+    index = index or TreeIndex.load(top / "xen")
+    shadow = Shadow(top, workdir / "shadow")
+    cmds = sorted(index.objects.values(), key=lambda o: o.obj)
+    done = compile_many(cmds, cwd=shadow.dst / "xen", out_dir=workdir / "replay", jobs=jobs,
+                        new_top=shadow.dst, recorded_top=index.recorded_top)
+    compiled = {c.obj: c for c in done}
+    report = ReplayReport()
+    for o in cmds:
+        c = compiled[o.final]
+        if c.error:
+            report.failed.append(f"{o.final}: {c.error.splitlines()[-1] if c.error else ''}")
+        elif (index.xen_dir / o.final).read_bytes() == c.path.read_bytes():
+            report.identical.append(o.final)
+        else:
+            report.different.append(f"{o.final}: {_replay_difference(o, compiled, index)}")
+    report.seconds = _since(start)
+    return report
+

@@ -12,6 +12,7 @@ EXIT_REFUSED = 1  # refused: an unpatchable change, a payload Xen would reject, 
 EXIT_BAD_INPUT = 2  # bad input or usage: not an ELF, wrong machine, missing file, bad option
 EXIT_NO_CHANGE = 3  # ``diff``/``build``: no functional change between the two objects
 EXIT_BUSY = 4  # the hypervisor is busy (EBUSY/EAGAIN): the same command may succeed if retried
+EXIT_REPLAY = 5  # ``build``: xsbuild cannot reproduce one of the tree's objects (its limitation)
 EXIT_INTERNAL = 70  # a bug in xsbuild (EX_SOFTWARE); the message says so
 
 
@@ -50,6 +51,22 @@ class UnsupportedChangeError(XsbuildError):
         else:
             text = f"{len(self.problems)} unsupported changes:\n  " + "\n  ".join(self.problems)
         super().__init__(text)
+
+
+class ReplayError(XsbuildError):
+    """Replaying the tree's build lines did not reproduce one of its objects, and nothing shows
+    the tree is at fault (stale, or another compiler): a limitation of xsbuild.
+
+    Holds one line per object, naming the object and the step whose output differs.
+    """
+
+    return_code = EXIT_REPLAY
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = list(problems)
+        head = ("xsbuild cannot reproduce the tree's build of "
+                f"{len(self.problems)} object(s) (a limitation of xsbuild, please report it)")
+        super().__init__(head + ":\n  " + "\n  ".join(self.problems))
 
 
 class NoChangeError(XsbuildError):
