@@ -145,6 +145,11 @@ SOURCES = {
         {
             return x * 3;
         }
+
+        struct shared_counter {
+            int hits;
+            int misses;
+        };
         """,
     "xen/include/xen/asmdefs.h": """\
         #define ENTRY_MAGIC 0x42
@@ -167,6 +172,11 @@ SOURCES = {
         int alpha_get(void)
         {
             return alpha_counter;
+        }
+
+        int alpha_misses(const struct shared_counter *c)
+        {
+            return c->misses;
         }
         """,
     "xen/common/beta.c": """\
@@ -654,6 +664,31 @@ def test_cli_refused_changed_data_exit_1(tree: Path, tmp_path: Path) -> None:
     assert doc["status"] == "UnsupportedChangeError"
     assert any("common/alpha.o" in p and "alpha_counter" in p for p in doc["refused"])
     assert not out.exists()
+
+
+def test_cli_struct_layout_change_refused_naming_the_type(tree: Path, tmp_path: Path) -> None:
+    # A member inserted into a struct of a header: alpha.o reads a moved member, so the build
+    # refuses it, naming type, member, both offsets and the header line; nothing is written.
+    new = replace_in(tree, "xen/include/xen/shared.h", "    int hits;\n",
+                     "    int hits;\n    int resets;\n")
+    patch = make_patch(tree, {"xen/include/xen/shared.h": new}, tmp_path / "l.patch")
+    out = tmp_path / "out.livepatch"
+    run = cli_build(tree, patch, out, "--json")
+    assert run.returncode == 1, run.stderr
+    doc = json.loads(run.stdout)
+    assert doc["status"] == "UnsupportedChangeError"
+    [problem] = doc["refused"]
+    assert problem.startswith("struct-layout change: struct shared_counter "
+                              "(include/xen/shared.h:6): size changes from 8 bytes to 12 bytes; "
+                              "member misses moved: offset 4, size 4 -> offset 8, size 4; "
+                              "member resets added at offset 4, size 4")
+    assert "--allow-layout-change 'struct shared_counter'" in problem
+    assert not out.exists()
+    # Allowed by name, the build goes on past the check, which the log records.
+    cli_build(tree, patch, out, "--allow-layout-change", "shared_counter")
+    log = (tmp_path / "out.livepatch.log").read_text()
+    assert "layout change (allowed): struct shared_counter" in log
+    assert "refused" not in log.split("layout: ")[1].split("\n")[0]
 
 
 def test_cli_no_change_exit_3(tree: Path, tmp_path: Path) -> None:

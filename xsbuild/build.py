@@ -5,6 +5,7 @@ STEP 1  find the base: the tree's built state (``xen/xen-syms`` and the ``.o.cmd
         the user's tree is never written.
 STEP 2  check the base is the hypervisor the payload is for (build-id of ``--xen-syms``).
 STEP 3  capture the changed objects, original and patched (:mod:`xsbuild.capture`).
+STEP 3b refuse struct-layout changes, from the DWARF of ``-g`` twins (:mod:`xsbuild.layout`).
 STEP 4  diff each changed object pair, in parallel (:func:`xsbuild.diff.diff_files`).
 STEP 5  link the diff objects into the payload, with the build-id notes
         (:func:`xsbuild.linker.link_files`), then check it as Xen's loader would.
@@ -60,6 +61,9 @@ class BuildOptions:
     # otherwise refuses a static whose state would silently restart (``xsbuild diff
     # --new-static``).
     new_statics: tuple[str, ...] = ()
+    # Types whose layout the patch may change (``--allow-layout-change``): "struct domain",
+    # or just "domain" for any struct, union or typedef of that name.
+    allow_layout_changes: tuple[str, ...] = ()
 
 
 @dataclass(slots=True)
@@ -74,6 +78,7 @@ class BuildSummary:
     diffs: dict[str, dict[str, object]] = field(default_factory=dict)  # obj -> DiffResult json
     link: dict[str, object] = field(default_factory=dict)
     build_id: bytes = b""
+    layout_changes: list[dict[str, object]] = field(default_factory=list)
     log: Path | None = None
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -98,6 +103,7 @@ class BuildSummary:
             "new_functions": self.functions("new_functions"),
             "new_data": self.functions("new_data"),
             "refused": [],
+            "layout_changes": self.layout_changes,
             "diffs": self.diffs,
             "link": self.link,
             "log": str(self.log) if self.log else None,
@@ -198,7 +204,8 @@ def _build(opts: BuildOptions, name: str, log: BuildLog, timings: dict[str, floa
         xen_id = _check_base(top, opts.xen_syms, log)
     with log.step("capture", timings):
         index = TreeIndex.load(top / "xen")
-        req = CaptureRequest(top, opts.patches, workdir / "capture", opts.jobs, opts.self_check)
+        req = CaptureRequest(top, opts.patches, workdir / "capture", opts.jobs, opts.self_check,
+                             debug_info=True)
         captured = capture(req, index, lambda line: log.note(line, show=True))
     _log_capture(log, captured)
     summary = BuildSummary(opts.output, name, top, xen_id, captured, log=log_path,
@@ -206,6 +213,8 @@ def _build(opts: BuildOptions, name: str, log: BuildLog, timings: dict[str, floa
     if not captured.changed:
         raise NoChangeError("no functional change: the patch changes no object of the "
                             "hypervisor (" + _describe_unchanged(captured) + ")")
+    with log.step("layout", timings, show=False):
+        summary.layout_changes = _check_layouts(captured, opts.allow_layout_changes, log)
     with log.step(f"diff {len(captured.changed)} object(s)", timings):
         diff_dir = workdir / "diff"
         summary.diffs, outputs = _diff_all(captured.changed, diff_dir, opts.jobs, log,
@@ -242,6 +251,38 @@ def _check_base(top: Path, xen_syms: Path, log: BuildLog) -> bytes:
             f"{have.hex()}: the payload would be built against other objects than the running "
             "hypervisor's; use the tree that built it (or rebuild it identically)")
     return want
+
+
+def _check_layouts(captured: CaptureResult, allowed: tuple[str, ...],
+                   log: BuildLog) -> list[dict[str, object]]:
+    """Refuse (every type at once) the struct-layout changes the author did not allow; return
+    all of them, allowed ones marked, for the summary."""
+    from xsbuild.layout import DebugPair, layout_changes
+
+    pairs = [DebugPair(c.obj, *c.debug) for c in captured.changed if c.debug]
+    log.note(f"layout: comparing the DWARF of {', '.join(p.obj for p in pairs) or 'nothing'}")
+    changes = layout_changes(pairs)
+    by_type: dict[str, list[str]] = {}
+    recorded = []
+    for change in changes:
+        ok = change.type_key in allowed or change.type_key.split(" ", 1)[-1] in allowed
+        recorded.append({**change.to_json(), "allowed": ok})
+        log.note(f"layout change{' (allowed)' if ok else ''}: {change.describe()}")
+        if not ok:
+            by_type.setdefault(change.type_key, []).append(change.describe())
+    if by_type:
+        raise UnsupportedChangeError([_layout_problem(t, lines) for t, lines in by_type.items()])
+    return recorded
+
+
+def _layout_problem(type_key: str, lines: list[str]) -> str:
+    """One line per type: its first changes, how many more, why, and the way out."""
+    head = lines[0]
+    rest = [line.split(": ", 1)[1] for line in lines[1:3]]
+    more = f" (and {len(lines) - 3} more)" if len(lines) > 3 else ""
+    return (f"struct-layout change: {'; '.join([head, *rest])}{more}: live instances and "
+            "unchanged code keep the old layout (--allow-layout-change "
+            f"'{type_key}' if no live instance or unchanged code depends on it)")
 
 
 def _log_capture(log: BuildLog, c: CaptureResult) -> None:

@@ -491,6 +491,9 @@ class CapturedObject:
     patched: Path
     new: bool = False  # compiled from a source file the patch creates
     reasons: list[str] = field(default_factory=list)  # the touched files that reach it
+    # The same object compiled with -g (original, patched), for the layout check; only for the
+    # few objects chosen to show the types of the touched files (:func:`_debug_plan`).
+    debug: tuple[Path, Path] | None = None
 
 
 @dataclass(slots=True)
@@ -524,6 +527,7 @@ class CaptureRequest:
     workdir: Path  # must not exist yet; capture creates it (shadow/, orig/, patched/)
     jobs: int = 2
     self_check: bool = True
+    debug_info: bool = False  # also compile -g twins of some changed objects (layout check)
 
 
 def capture(req: CaptureRequest, index: TreeIndex | None = None,
@@ -559,19 +563,50 @@ def capture(req: CaptureRequest, index: TreeIndex | None = None,
     # the bytes differ must the replay be proven faithful, by recompiling the original.
     differing = [p for p in plan if p.new or not _same_as_tree(p, patched, index)]
     result.unchanged.extend(p.cmd.final for p in plan if p not in differing)
+    debug_plan = _debug_plan(differing) if req.debug_info else []
+    debug: dict[str, tuple[CompiledObject, CompiledObject]] = {}
     orig: dict[str, CompiledObject] = {}
     if differing:
-        progress(f"compiling the original of {len(differing)} changed object(s)")
         t2 = time.monotonic()
+        if debug_plan:
+            patched_g = _compile_phase(debug_plan, req, shadow, index, "debug-patched")
+        progress(f"compiling the original of {len(differing)} changed object(s)")
         _apply_patches(req.patches, shadow.dst, hyp_prefix, dry_run=False, reverse=True)
         orig = _compile_phase(differing, req, shadow, index, "orig")
+        if debug_plan:
+            orig_g = _compile_phase(debug_plan, req, shadow, index, "debug-orig")
+            debug = {k: (orig_g[k], patched_g[k]) for k in orig_g}
         result.timings["compile_orig"] = _since(t2)
         if req.self_check:
             _self_check(differing, orig, index)
     _compare(differing, orig, patched, result)
+    for c in result.changed:
+        if c.obj in debug:
+            c.debug = (debug[c.obj][0].path, debug[c.obj][1].path)
     result.unchanged.sort()
     result.timings["capture_total"] = _since(t0)
     return result
+
+
+def _debug_plan(differing: list[_Planned]) -> list[_Planned]:
+    """The changed objects to compile again with ``-g`` so that every touched file's types
+    show in some DWARF: the object of each touched source, and for each touched header the
+    changed object with the fewest dependencies that includes it.  With
+    ``-fno-eliminate-unused-debug-types`` one includer has all of a header's types, so a
+    header fix reaching 300 objects costs two extra compiles, not 600."""
+    chosen: dict[str, _Planned] = {}
+    for reason in sorted({r for p in differing for r in p.reasons}):
+        users = [p for p in differing if reason in p.reasons and not p.new and not p.cmd.is_asm]
+        if users:
+            best = min(users, key=lambda p: (len(p.cmd.deps), p.cmd.obj))
+            chosen[best.cmd.obj] = best
+    return [_Planned(_with_debug_info(p.cmd), False, p.reasons) for p in chosen.values()]
+
+
+def _with_debug_info(o: ObjectCmd) -> ObjectCmd:
+    at = o.argv.index("-c")
+    extra = ("-g", "-fno-eliminate-unused-debug-types")
+    return dataclasses.replace(o, argv=o.argv[:at] + extra + o.argv[at:])
 
 
 def _same_as_tree(p: _Planned, compiled: dict[str, CompiledObject], index: TreeIndex) -> bool:

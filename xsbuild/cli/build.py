@@ -52,24 +52,30 @@ def _build_id(value: str | None) -> bytes | None:
                    "objects (faster, less safe).")
 @click.option("--new-static", "new_statics", multiple=True, metavar="NAME",
               help="Accept NAME as a new static local (its state starts fresh); repeatable.")
+@click.option("--allow-layout-change", "allow_layout_changes", multiple=True, metavar="TYPE",
+              help="Let the patch change the layout of TYPE ('struct domain', or 'domain'): "
+                   "only when no live instance or unchanged code depends on it; repeatable.")
 @click.option("--keep-workdir", is_flag=True, help="Keep the scratch directory (debugging).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 def build_cmd(srcdir: Path | None, debian_version: str | None, patches: tuple[Path, ...],
               xen_syms: Path | None, output: Path, depends: str | None, xen_depends: str | None,
               name: str | None, jobs: int, prelink: bool, no_self_check: bool,
-              new_statics: tuple[str, ...], keep_workdir: bool, as_json: bool) -> None:
+              new_statics: tuple[str, ...], allow_layout_changes: tuple[str, ...],
+              keep_workdir: bool, as_json: bool) -> None:
     """Build a live-patch payload from source patches, reusing the tree's built objects.
 
     \b
     xsbuild build --srcdir XEN_TREE --patch fix.patch --xen-syms xen-syms -o fix.livepatch
     xsbuild build --debian 4.17.5+72-g01140da4e8-1 --patch fix.patch -o fix.livepatch
 
-    Writes OUTPUT and OUTPUT.log; the source tree is never modified.
+    Writes OUTPUT and OUTPUT.log; the source tree is never modified.  A patch that changes
+    the layout of a struct or union is refused (exit 1) unless --allow-layout-change names it.
     """
     try:
         opts = _options(srcdir, debian_version, patches, xen_syms, output, depends, xen_depends,
                         name, jobs, prelink, no_self_check, keep_workdir)
-        opts = dataclasses.replace(opts, new_statics=new_statics)
+        opts = dataclasses.replace(opts, new_statics=new_statics,
+                                   allow_layout_changes=allow_layout_changes)
         summary = build_payload(opts, _progress)
     except XsbuildError as exc:
         if as_json:
