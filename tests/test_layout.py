@@ -148,6 +148,13 @@ def test_anonymous_union_members_are_flattened(toolchain: Toolchain) -> None:
     assert found[0].type_key == "struct vcpu_info"
 
 
+def test_unnamed_bit_field_is_padding(toolchain: Toolchain) -> None:
+    old = BASE.replace("flag_b:5;", "flag_b:5, :4, flag_c:2;")
+    found = changes(toolchain, old, old.replace(":4,", ":3,"))
+    assert kinds(found) == [("moved", "flag_c")]
+    assert (found[0].old, found[0].new) == ("bit offset 268, 2 bits", "bit offset 267, 2 bits")
+
+
 def test_typedef_of_anonymous_struct(toolchain: Toolchain) -> None:
     old = "typedef struct { int a; } pair_t;\nint first(pair_t *p) { return p->a; }\n"
     found = changes(toolchain, old, old.replace("int a;", "int z; int a;"))

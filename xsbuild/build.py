@@ -206,15 +206,18 @@ def _build(opts: BuildOptions, name: str, log: BuildLog, timings: dict[str, floa
         index = TreeIndex.load(top / "xen")
         req = CaptureRequest(top, opts.patches, workdir / "capture", opts.jobs, opts.self_check,
                              debug_info=True)
-        captured = capture(req, index, lambda line: log.note(line, show=True))
+        layouts: list[dict[str, object]] = []
+
+        def check_layouts(pairs: dict[str, tuple[Path, Path]]) -> None:
+            layouts.extend(_check_layouts(pairs, opts.allow_layout_changes, log))
+
+        captured = capture(req, index, lambda line: log.note(line, show=True), check_layouts)
     _log_capture(log, captured)
     summary = BuildSummary(opts.output, name, top, xen_id, captured, log=log_path,
-                           timings=timings)
+                           timings=timings, layout_changes=layouts)
     if not captured.changed:
         raise NoChangeError("no functional change: the patch changes no object of the "
                             "hypervisor (" + _describe_unchanged(captured) + ")")
-    with log.step("layout", timings, show=False):
-        summary.layout_changes = _check_layouts(captured, opts.allow_layout_changes, log)
     with log.step(f"diff {len(captured.changed)} object(s)", timings):
         diff_dir = workdir / "diff"
         summary.diffs, outputs = _diff_all(captured.changed, diff_dir, opts.jobs, log,
@@ -253,14 +256,14 @@ def _check_base(top: Path, xen_syms: Path, log: BuildLog) -> bytes:
     return want
 
 
-def _check_layouts(captured: CaptureResult, allowed: tuple[str, ...],
+def _check_layouts(debug_pairs: dict[str, tuple[Path, Path]], allowed: tuple[str, ...],
                    log: BuildLog) -> list[dict[str, object]]:
     """Refuse (every type at once) the struct-layout changes the author did not allow; return
     all of them, allowed ones marked, for the summary."""
     from xsbuild.layout import DebugPair, layout_changes
 
-    pairs = [DebugPair(c.obj, *c.debug) for c in captured.changed if c.debug]
-    log.note(f"layout: comparing the DWARF of {', '.join(p.obj for p in pairs) or 'nothing'}")
+    pairs = [DebugPair(obj, *paths) for obj, paths in sorted(debug_pairs.items())]
+    log.note(f"layout: comparing the DWARF of {', '.join(p.obj for p in pairs)}", show=True)
     changes = layout_changes(pairs)
     by_type: dict[str, list[str]] = {}
     recorded = []

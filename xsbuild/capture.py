@@ -531,9 +531,15 @@ class CaptureRequest:
 
 
 def capture(req: CaptureRequest, index: TreeIndex | None = None,
-            progress: Progress = _noop) -> CaptureResult:
+            progress: Progress = _noop,
+            on_debug_pairs: Callable[[dict[str, tuple[Path, Path]]], None] | None = None,
+            ) -> CaptureResult:
     """Run STEPs 1-7 of the module docstring; raise on a patch that does not apply, a compile
-    error, a self-check mismatch or an unsupported kind of change (assembly sources)."""
+    error, a self-check mismatch or an unsupported kind of change (assembly sources).
+
+    With ``req.debug_info``, ``on_debug_pairs`` gets the ``-g`` twins (object -> original,
+    patched) as soon as they exist, before the originals are compiled, so a check of them
+    (the layout check) can refuse a change early."""
     t0 = time.monotonic()
     result = CaptureResult()
     xen_dir = req.top / "xen"
@@ -564,25 +570,24 @@ def capture(req: CaptureRequest, index: TreeIndex | None = None,
     differing = [p for p in plan if p.new or not _same_as_tree(p, patched, index)]
     result.unchanged.extend(p.cmd.final for p in plan if p not in differing)
     debug_plan = _debug_plan(differing) if req.debug_info else []
-    debug: dict[str, tuple[CompiledObject, CompiledObject]] = {}
     orig: dict[str, CompiledObject] = {}
+    debug: dict[str, tuple[Path, Path]] = {}
     if differing:
         t2 = time.monotonic()
-        if debug_plan:
-            patched_g = _compile_phase(debug_plan, req, shadow, index, "debug-patched")
-        progress(f"compiling the original of {len(differing)} changed object(s)")
+        patched_g = _compile_phase(debug_plan, req, shadow, index, "debug-patched")
         _apply_patches(req.patches, shadow.dst, hyp_prefix, dry_run=False, reverse=True)
+        orig_g = _compile_phase(debug_plan, req, shadow, index, "debug-orig")
+        debug = {k: (orig_g[k].path, patched_g[k].path) for k in orig_g}
+        if on_debug_pairs is not None and debug:
+            on_debug_pairs(debug)  # may refuse the change before the originals are compiled
+        progress(f"compiling the original of {len(differing)} changed object(s)")
         orig = _compile_phase(differing, req, shadow, index, "orig")
-        if debug_plan:
-            orig_g = _compile_phase(debug_plan, req, shadow, index, "debug-orig")
-            debug = {k: (orig_g[k], patched_g[k]) for k in orig_g}
         result.timings["compile_orig"] = _since(t2)
         if req.self_check:
             _self_check(differing, orig, index)
     _compare(differing, orig, patched, result)
     for c in result.changed:
-        if c.obj in debug:
-            c.debug = (debug[c.obj][0].path, debug[c.obj][1].path)
+        c.debug = debug.get(c.obj)
     result.unchanged.sort()
     result.timings["capture_total"] = _since(t0)
     return result

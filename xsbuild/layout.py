@@ -173,9 +173,10 @@ def _members(die: object, base_bits: int, prefix: str) -> list[Member]:
         attrs = child.attributes
         offset = base_bits + _member_offset_bits(attrs)
         target = child.get_DIE_from_attribute("DW_AT_type")
-        if "DW_AT_name" not in attrs and target.tag in _RECORD_TAGS:
-            out.extend(_members(target, offset, prefix))  # anonymous struct/union: flatten
-            continue
+        if "DW_AT_name" not in attrs:
+            if target.tag in _RECORD_TAGS:
+                out.extend(_members(target, offset, prefix))  # anonymous struct/union: flatten
+            continue  # an unnamed bit-field ("unsigned int :3;") is padding, holding nothing
         name = prefix + _name(child)
         size = attrs["DW_AT_bit_size"].value if "DW_AT_bit_size" in attrs else \
             8 * _type_size(target)
@@ -296,8 +297,15 @@ class DebugPair:
     patched: Path
 
 
+# The order a type's changes are told in: its size, then what the patch did to members, then
+# what followed from it (members that merely moved).
+_TELLING_ORDER = [ChangeKind.SIZE, ChangeKind.ADDED, ChangeKind.REMOVED, ChangeKind.RESIZED,
+                  ChangeKind.RETYPED, ChangeKind.MOVED]
+
+
 def layout_changes(pairs: list[DebugPair]) -> list[LayoutChange]:
-    """The layout changes all pairs show, each (type, member, kind) reported once."""
+    """The layout changes all pairs show, each (type, member, kind) reported once, each type's
+    cause first (size, added, removed, resized, retyped, then moved members)."""
     seen: set[tuple[str, str, str]] = set()
     out = []
     for pair in pairs:
@@ -307,4 +315,5 @@ def layout_changes(pairs: list[DebugPair]) -> list[LayoutChange]:
             if ident not in seen:
                 seen.add(ident)
                 out.append(change)
-    return out
+    types = list(dict.fromkeys(c.type_key for c in out))
+    return sorted(out, key=lambda c: (types.index(c.type_key), _TELLING_ORDER.index(c.kind)))

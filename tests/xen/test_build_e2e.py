@@ -22,6 +22,7 @@ with the right message.
 | 11 | inline in a header, two objects | extra and changeset |
 | 12 | a new source file | extra |
 | 13, 14 | changed data, ``__init``-only change | build refused, exit 1 |
+| 15 | a member added to ``struct domain`` (a layout change) | build refused, exit 1, by name |
 """
 
 from __future__ import annotations
@@ -127,6 +128,9 @@ def payloads(debian_tree: DebianTree, tmp_path_factory: pytest.TempPathFactory
 @pytest.mark.parametrize(("stem", "needles"), [
     ("13", ("opt_conswitch", "changed initialised data")),
     ("14", ("cmdline_parse", "__init")),
+    ("15", ("struct-layout change: struct domain (include/xen/sched.h:367)",
+            "member xsb_audit_count added at offset 8, size 4",
+            "member vcpu moved: offset 8, size 8 -> offset 16, size 8")),
 ])
 def test_refused_at_build_time(debian_tree: DebianTree, tmp_path: Path, stem: str,
                                needles: tuple[str, ...]) -> None:
