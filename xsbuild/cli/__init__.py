@@ -59,22 +59,46 @@ def _register() -> None:
                 raise
 
 
+def _json_requested(argv: list[str]) -> bool:
+    return "--json" in argv
+
+
+def _command_name(argv: list[str]) -> str | None:
+    return next((a for a in argv if not a.startswith("-") and a in cli.commands), None)
+
+
+def _fail(argv: list[str], exc: BaseException, code: int, text: str) -> None:
+    """One line on stderr; with --json also the error object on stdout (docs/json-schema)."""
+    from xsbuild.cli.common import print_error_object
+
+    if _json_requested(argv) and not getattr(exc, "json_reported", False):
+        print_error_object(_command_name(argv), exc, code)
+    click.echo(f"xsbuild: error: {text}", err=True)
+    sys.exit(code)
+
+
+def _usage_text(exc: click.ClickException) -> str:
+    """Click's four-line usage error as one line, pointing at the command's --help."""
+    ctx = getattr(exc, "ctx", None)
+    path = ctx.command_path if ctx is not None else "xsbuild"
+    return f"{exc.format_message()} (see '{path} --help')"
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: run the CLI, turn errors into one line and an exit code."""
     _register()
+    args = list(sys.argv[1:] if argv is None else argv)
     try:
-        rc = cli.main(args=argv, prog_name="xsbuild", standalone_mode=False)
+        rc = cli.main(args=args, prog_name="xsbuild", standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("xsbuild: interrupted", err=True)
         sys.exit(130)
     except click.ClickException as exc:
-        exc.show()
-        sys.exit(EXIT_BAD_INPUT)
+        _fail(args, exc, EXIT_BAD_INPUT, _usage_text(exc))
     except XsbuildError as exc:
         if os.environ.get("XSBUILD_TRACEBACK"):
             traceback.print_exc()
-        click.echo(f"xsbuild: error: {exc}", err=True)
-        sys.exit(exc.return_code)
+        _fail(args, exc, exc.return_code, str(exc))
     except KeyboardInterrupt:
         click.echo("xsbuild: interrupted", err=True)
         sys.exit(130)
@@ -83,8 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, not a traceback
         if os.environ.get("XSBUILD_TRACEBACK"):
             traceback.print_exc()
-        click.echo(f"xsbuild: internal error (a bug in xsbuild): {type(exc).__name__}: {exc}",
-                   err=True)
-        sys.exit(EXIT_INTERNAL)
+        _fail(args, exc, EXIT_INTERNAL,
+              f"internal error (a bug in xsbuild): {type(exc).__name__}: {exc}")
     # Commands return None (success) or an exit code such as EXIT_NO_CHANGE (ctx.exit works too).
     sys.exit(rc if isinstance(rc, int) else 0)
