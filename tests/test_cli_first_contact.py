@@ -166,6 +166,7 @@ def _writers(w: dict[str, Path], out: Path) -> dict[str, list[str | Path]]:
         "explain": ["explain", w["orig"], w["patched"], "-o", out],
         "build": ["build", "--srcdir", w["tree"], "--patch", w["patch"], "--xen-syms",
                   w["xen-syms"], "-o", out],
+        "demo": ["demo", "-w", out],
     }
 
 
@@ -182,7 +183,7 @@ def writers_input(cli, work: dict[str, Path], tmp_path: Path) -> dict[str, Path]
     return w
 
 
-@pytest.mark.parametrize("command", ["diff", "link", "inspect", "explain", "build"])
+@pytest.mark.parametrize("command", ["diff", "link", "inspect", "explain", "build", "demo"])
 def test_output_into_a_missing_directory_is_usage(cli, writers_input: dict[str, Path],
                                                   tmp_path: Path, command: str) -> None:
     out = tmp_path / "nonexistent" / "dir" / "x.out"
@@ -353,7 +354,8 @@ def test_help_has_an_example_and_exit_statuses(cli, command: str) -> None:
 def test_click_usage_errors_are_one_line(cli, argv: list[str]) -> None:
     res = cli(*argv)
     assert res.rc == 2
-    assert "--help" in res.one_line()
+    where = "xsbuild --help" if argv[0] == "nosuchcommand" else f"xsbuild {argv[0]} --help"
+    assert where in res.one_line()
 
 
 # ------------------------------------------------------------------------------------------------

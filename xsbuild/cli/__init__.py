@@ -77,10 +77,10 @@ def _fail(argv: list[str], exc: BaseException, code: int, text: str) -> None:
     sys.exit(code)
 
 
-def _usage_text(exc: click.ClickException) -> str:
+def _usage_text(exc: click.ClickException, argv: list[str]) -> str:
     """Click's four-line usage error as one line, pointing at the command's --help."""
-    ctx = getattr(exc, "ctx", None)
-    path = ctx.command_path if ctx is not None else "xsbuild"
+    command = _command_name(argv)
+    path = f"xsbuild {command}" if command else "xsbuild"
     return f"{exc.format_message()} (see '{path} --help')"
 
 
@@ -94,7 +94,10 @@ def main(argv: list[str] | None = None) -> None:
         click.echo("xsbuild: interrupted", err=True)
         sys.exit(130)
     except click.ClickException as exc:
-        _fail(args, exc, EXIT_BAD_INPUT, _usage_text(exc))
+        if type(exc).__name__ == "NoArgsIsHelpError":  # bare `xsbuild`: the help is the answer
+            click.echo(exc.format_message(), err=True)
+            sys.exit(EXIT_BAD_INPUT)
+        _fail(args, exc, EXIT_BAD_INPUT, _usage_text(exc, args))
     except XsbuildError as exc:
         if os.environ.get("XSBUILD_TRACEBACK"):
             traceback.print_exc()
