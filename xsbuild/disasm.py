@@ -220,10 +220,10 @@ _PTR_BYTES = {"byte": 1, "word": 2, "dword": 4, "qword": 8}
 
 
 def xen_literal(xs: XenSymbols, addr: int, mnemonic: str, ops: str) -> str | None:
-    """What hypervisor code reads at an unnamed ``addr`` in read-only data, shown as the
+    """What hypervisor code reads at an unnamed ``addr`` in a data section, shown as the
     payload side shows it: ``.rodata+0x10 "text"`` for a string whose address is taken,
-    ``.rodata+0x20 = 0x2a`` for a constant loaded; None for anything else."""
-    place = xs.read_only_data(addr)
+    ``.rodata+0x20 = 0x2a`` for a constant loaded (its value in xen-syms); None otherwise."""
+    place = xs.data_at(addr)
     if place is None:
         return None
     name, offset, body = place

@@ -43,12 +43,12 @@ class XenSymbols:
 
     def __init__(self, path: str, build_id: bytes, symbols: dict[str, XenSymbol],
                  text: list[tuple[int, bytes]],
-                 rodata: tuple[tuple[str, int, memoryview], ...] = ()) -> None:
+                 data: tuple[tuple[str, int, memoryview], ...] = ()) -> None:
         self.path = path
         self.build_id = build_id
         self.by_name = symbols
         self._text = text  # (start address, bytes) of each executable SHF_ALLOC PROGBITS section
-        self.rodata = rodata  # (name, address, bytes) of each read-only data section
+        self.data = data  # (name, address, bytes) of each non-executable SHF_ALLOC PROGBITS
         self._by_addr: list[tuple[int, XenSymbol]] | None = None  # built on first symbol_at
         self._max_size = 0
 
@@ -74,10 +74,10 @@ class XenSymbols:
             i -= 1
         return None
 
-    def read_only_data(self, addr: int) -> tuple[str, int, memoryview] | None:
+    def data_at(self, addr: int) -> tuple[str, int, memoryview] | None:
         """(section name, offset, bytes from ``addr`` to the section's end) when ``addr`` is in
-        read-only data, where string literals and constants live; else None."""
-        for name, start, body in self.rodata:
+        a data section, where string literals and constants live; else None."""
+        for name, start, body in self.data:
             if start <= addr < start + len(body):
                 return name, addr - start, body[addr - start:]
         return None
@@ -147,12 +147,12 @@ def _parse(label: str, data: bytes) -> XenSymbols:
         is_local = bind == _STB_LOCAL
         full = f"{current_file}#{name}" if is_local else name
         symbols.setdefault(full, XenSymbol(full, st_value, st_size, stype == 2, is_local))
-    view = memoryview(data)  # slices of the file, not copies: most uses never read them
-    rodata = tuple((sec.name, sec["sh_addr"], view[sec["sh_offset"]:sec["sh_offset"]
-                                                   + sec["sh_size"]])
-                   for sec in ef.iter_sections()
-                   if sec["sh_type"] == "SHT_PROGBITS" and sec["sh_flags"] & 0x7 == 0x2)
-    return XenSymbols(label, build_id, symbols, text, rodata)
+    # Data sections (SHF_ALLOC, not EXECINSTR), where string literals and constants live, to
+    # name what old code reads.  Not only read-only ones: Xen links .rodata writable.  ~1 MiB.
+    data_secs = tuple((sec.name, sec["sh_addr"], memoryview(sec.data()))
+                      for sec in ef.iter_sections()
+                      if sec["sh_type"] == "SHT_PROGBITS" and sec["sh_flags"] & 0x6 == 0x2)
+    return XenSymbols(label, build_id, symbols, text, data_secs)
 
 
 def parse_build_id_note(note: bytes) -> bytes:
