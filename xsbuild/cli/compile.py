@@ -9,7 +9,7 @@ import click
 
 from xsbuild.cli import cli
 from xsbuild.cli.common import check_name, check_output, mark_reported, parse_build_id_option
-from xsbuild.errors import EXIT_NO_CHANGE, EXIT_REFUSED, UnsupportedChangeError
+from xsbuild.errors import EXIT_NO_CHANGE, EXIT_REFUSED, UnsupportedChangeError, UsageError
 
 _EXISTING = click.Path(exists=True, dir_okay=False, path_type=Path)
 _QUIET = click.option("-q", "--quiet", is_flag=True,
@@ -171,7 +171,10 @@ def check_cmd(payload: Path, xen_syms: Path | None, others: tuple[Path, ...],
     from xsbuild.xen_abi import EINVAL
     from xsbuild.xensyms import XenSymbols
 
-    data = payload.read_bytes()
+    try:
+        data = payload.read_bytes()
+    except OSError as exc:
+        raise UsageError(f"{payload}: cannot read: {exc.strerror or exc}") from None
     check_elf_header(str(payload), data)  # bad input is exit 2, not a rejected payload
     xs = XenSymbols.load(xen_syms) if xen_syms else None
     loaded = [load_other_payload(p) for p in others]
