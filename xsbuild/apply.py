@@ -135,10 +135,10 @@ class ActionResult:
 
 
 def format_ns(ns: int) -> str:
-    """30000000 -> ``30 ms``; 1500 -> ``1.5 us``."""
+    """30000000 -> ``30 ms``; 1500 -> ``1.5 us``; 3107232 -> ``3.11 ms`` (3 digits)."""
     for unit, scale in (("s", 10**9), ("ms", 10**6), ("us", 10**3)):
         if ns >= scale:
-            return f"{ns / scale:g} {unit}"
+            return f"{ns / scale:.3g} {unit}"
     return f"{ns} ns"
 
 

@@ -89,7 +89,10 @@ def error_object(command: str | None, exc: BaseException, exit_code: int) -> dic
 
 
 def print_error_object(command: str | None, exc: BaseException, exit_code: int) -> None:
-    print(json.dumps(error_object(command, exc, exit_code), indent=2), flush=True)
+    try:
+        print(json.dumps(error_object(command, exc, exit_code), indent=2), flush=True)
+    except BrokenPipeError:  # `... --json | head`: the reader left; the stderr line remains
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 1)  # and no second complaint at exit
 
 
 def mark_reported(exc: XsbuildError) -> XsbuildError:
