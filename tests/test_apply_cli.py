@@ -153,7 +153,8 @@ def test_busy_host_exit_4_then_retries_succeed(xsb,
     res = xsb("apply", "hello", "--timeout", "10ms", "--retries", "5", "--json", env=slow)
     assert res.rc == 0
     attempts = res.json()["attempts"]
-    assert [a["timeout_ns"] for a in attempts] == [1_000_000, 2_000_000, 4_000_000, 8_000_000]
+    assert [a["timeout_ns"] for a in attempts] == [1_000_000, 1_584_893, 2_511_886, 3_981_072,
+                                                   6_309_573]
     assert max(a["timeout_ns"] for a in attempts) <= 10_000_000
 
 

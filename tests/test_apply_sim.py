@@ -22,7 +22,7 @@ from tests.support.toolchain import OBJCOPY, Toolchain
 from tests.support.toolchain import run as run_tool
 from xsbuild import apply as lp
 from xsbuild import xen_abi
-from xsbuild.errors import HypercallError, HypervisorBusy, UsageError
+from xsbuild.errors import ElfParseError, HypercallError, HypervisorBusy, UsageError
 from xsbuild.hypercall import SysctlBackend
 from xsbuild.hypercall.privcmd import PrivcmdTransport
 from xsbuild.hypercall.sim import SimHypervisor, SimTransport, XenError
@@ -201,7 +201,7 @@ def test_upload_not_an_elf_is_rejected_and_missing_file_is_usage(
         backend: SysctlBackend, tmp_path: Path) -> None:
     junk = tmp_path / "junk.livepatch"
     junk.write_bytes(b"not an elf at all")
-    with pytest.raises(HypercallError):
+    with pytest.raises(ElfParseError, match="not an ELF file"):  # before any hypercall
         lp.upload(backend, "junk", junk)
     with pytest.raises(UsageError):
         lp.upload(backend, "nothing", tmp_path / "missing.livepatch")
@@ -436,11 +436,13 @@ def test_rendezvous_timeout_is_ebusy_and_changes_nothing(
 @pytest.mark.parametrize("env", [{"XSBUILD_SIM_CPU_DELAYS": "0,5ms"}])
 def test_retries_grow_the_timeout_up_to_the_bound(
         backend: SysctlBackend, make_payload: PayloadFactory, env: dict[str, str]) -> None:
-    """1, 2, 4 ms miss a 5 ms CPU; 8 ms gathers it.  The bound (--timeout) is never exceeded."""
+    """1, 1.58, 2.51, 3.98 ms miss a 5 ms CPU; 6.31 ms gathers it (geometric from 1 ms to the
+    10 ms bound, which the last attempt would use).  The bound is never exceeded."""
     lp.upload(backend, "hello", make_payload("hello"))
     res = run(backend, "apply", "hello", retries=5, timeout_ns=10_000_000)
-    assert [a.timeout_ns for a in res.attempts] == [1_000_000, 2_000_000, 4_000_000, 8_000_000]
-    assert [a.rc for a in res.attempts] == [-xen_abi.EBUSY] * 3 + [0]
+    assert [a.timeout_ns for a in res.attempts] == [1_000_000, 1_584_893, 2_511_886, 3_981_072,
+                                                    6_309_573]
+    assert [a.rc for a in res.attempts] == [-xen_abi.EBUSY] * 4 + [0]
     run(backend, "revert", "hello", timeout_ns=10_000_000)
     with pytest.raises(HypervisorBusy) as exc:
         run(backend, "apply", "hello", retries=5, timeout_ns=4_000_000)
@@ -449,8 +451,10 @@ def test_retries_grow_the_timeout_up_to_the_bound(
 
 def test_timeouts_schedule() -> None:
     assert lp.ActionOptions().timeouts() == [30_000_000]
-    opts = lp.ActionOptions(timeout_ns=5_000_000, retries=4)
-    assert opts.timeouts() == [1_000_000, 2_000_000, 4_000_000, 5_000_000, 5_000_000]
+    opts = lp.ActionOptions(timeout_ns=16_000_000, retries=4)
+    assert opts.timeouts() == [1_000_000, 2_000_000, 4_000_000, 8_000_000, 16_000_000]
+    opts = lp.ActionOptions(timeout_ns=100_000_000, retries=2)
+    assert opts.timeouts() == [1_000_000, 10_000_000, 100_000_000]
     with pytest.raises(UsageError):
         lp.ActionOptions(timeout_ns=2**32)
     with pytest.raises(UsageError):

@@ -10,8 +10,9 @@ the same steps (spec §5, improved):
    at once with rc -EAGAIN; the work runs when every CPU has been gathered.
 4. Poll GET until rc is no longer -EAGAIN, with a bounded total wait (xen-livepatch polls once).
 5. rc -EBUSY means the CPUs could not be gathered in time and nothing changed.  With
-   ``retries`` the action is tried again with a timeout that starts small (1 ms) and doubles up to
-   the user's ``--timeout``: a busy host is retried without ever stopping its guests for long.
+   ``retries`` the action is tried again with a timeout that starts small (1 ms) and grows
+   geometrically to the user's ``--timeout``, which the last attempt uses: a busy host is
+   retried without stopping its guests for long, and the limit the operator allowed is tried.
 
 Errors are :class:`HypervisorBusy` (exit 4: retrying may work) or :class:`HypercallError`
 (exit 1), with one message naming the failed step, the payload's state now and what to do.
@@ -35,7 +36,7 @@ __all__ = ["ACTIONS", "ActionOptions", "ActionResult", "load", "parse_duration_n
 
 CHECKED = xen_abi.LIVEPATCH_STATE_CHECKED
 APPLIED = xen_abi.LIVEPATCH_STATE_APPLIED
-GONE = "(unloaded)"  # the state name used after a successful unload
+GONE = "unloaded"  # the state name used after a successful unload
 
 DEFAULT_WAIT_S = 10.0  # bound on polling for an action's completion
 DEFAULT_TIMEOUT_START_NS = 1_000_000  # first rendezvous timeout when retrying: 1 ms
@@ -95,13 +96,17 @@ class ActionOptions:
     def timeouts(self) -> list[int]:
         """The rendezvous timeout of each attempt.
 
-        Without retries: just ``timeout_ns``.  With N retries: N+1 attempts whose timeouts start
-        at ``timeout_start_ns`` and double, never above ``timeout_ns`` (``1, 2, 4, 8 ms ...``).
+        Without retries: just ``timeout_ns``.  With N retries: N+1 attempts growing
+        geometrically from ``timeout_start_ns`` to exactly ``timeout_ns`` (1 ms, 10 ms, 100 ms
+        for 2 retries up to 100 ms): a busy host first gets short stops of its guests, and the
+        last attempt is the longest the operator allowed.
         """
         if not self.retries:
             return [self.timeout_ns]
         start = min(self.timeout_start_ns, self.timeout_ns)
-        return [min(start << i, self.timeout_ns) for i in range(self.retries + 1)]
+        ratio = (self.timeout_ns / start) ** (1 / self.retries)
+        out = [min(round(start * ratio ** i), self.timeout_ns) for i in range(self.retries)]
+        return [*out, self.timeout_ns]
 
 
 @dataclass(slots=True)
@@ -130,10 +135,10 @@ class ActionResult:
 
 
 def format_ns(ns: int) -> str:
-    """30000000 -> ``30 ms``; 1500 -> ``1.5 us``."""
+    """30000000 -> ``30 ms``; 1500 -> ``1.5 us``; 3107232 -> ``3.11 ms`` (3 digits)."""
     for unit, scale in (("s", 10**9), ("ms", 10**6), ("us", 10**3)):
         if ns >= scale:
-            return f"{ns / scale:g} {unit}"
+            return f"{ns / scale:.3g} {unit}"
     return f"{ns} ns"
 
 
@@ -382,19 +387,59 @@ def read_payload(path: str | os.PathLike[str]) -> bytes:
     return data
 
 
+def precheck_payload(path: str | os.PathLike[str], name: str) -> bytes:
+    """The payload's bytes once the offline check (``xsbuild check``, payload only) passes.
+
+    Run before any hypercall, so that a file that is not a payload is named as such instead of
+    surfacing as the loader's bare -EINVAL: ``ElfParseError`` (exit 2) for something that is not
+    an x86-64 ELF or is truncated, ``HypercallError`` with Xen's errno (exit 1) for a payload
+    the loader would reject.
+    """
+    from xsbuild.check import check_payload
+    from xsbuild.elf import check_elf_header
+
+    data = read_payload(path)
+    check_elf_header(str(path), data)
+    report = check_payload(data)
+    if report.problems:
+        first = report.problems[0]
+        more = f" (and {len(report.problems) - 1} more)" if len(report.problems) > 1 else ""
+        raise HypercallError(f"upload {name}: {path} would be rejected by Xen's loader: {first}"
+                             f"{more}. Nothing was uploaded. Next: `xsbuild check {path}` lists "
+                             "every problem", first.errno)
+    return data
+
+
 def upload(backend: Backend, name: str, path: str | os.PathLike[str]) -> UploadResult:
     """UPLOAD ``path`` as ``name`` (synchronous: the loader's checks run in the hypercall)."""
-    data = read_payload(path)
+    data = precheck_payload(path, name)
     try:
         backend.upload(name, data)
     except HypercallError as exc:
-        hint = _UPLOAD_HINTS.get(exc.errno_value) or _ERRNO_HINTS.get(exc.errno_value) \
-            or "`xl dmesg` shows the loader's message"
+        hint = _upload_hint(backend, name, exc.errno_value)
         raise _fail(isinstance(exc, HypervisorBusy), exc.errno_value,
                     f"upload {name}: the UPLOAD hypercall failed: "
                     f"-{xen_abi.errno_name(exc.errno_value)}. Nothing was loaded. Next: {hint}")\
             from None
     return UploadResult(name, str(path), len(data))
+
+
+def _upload_hint(backend: Backend, name: str, errno_value: int) -> str:
+    """What to do after a failed UPLOAD; for -EEXIST, which of its three causes it is."""
+    if errno_value == xen_abi.EEXIST:
+        try:
+            names = {e.name for e in backend.list()}
+        except HypercallError:
+            names = None
+        if names is not None and name in names:
+            return (f"a payload named {name} is already loaded (see `xsbuild list`): unload "
+                    "it or upload under another name")
+        if names is not None:
+            return (f"no payload named {name} is loaded, so a loaded payload has the same "
+                    "build-id (this very payload under another name: `xsbuild list`) or "
+                    "exports a symbol this one also defines; `xl dmesg` says which")
+    return _UPLOAD_HINTS.get(errno_value) or _ERRNO_HINTS.get(errno_value) \
+        or "`xl dmesg` shows the loader's message"
 
 
 def name_from_path(path: str | os.PathLike[str]) -> str:

@@ -215,6 +215,32 @@ def xen_label(xs: XenSymbols, addr: int) -> str | None:
     return with_offset(sym.name, addr - sym.addr) if sym is not None else None
 
 
+_PTR_SIZE = re.compile(r"\b(byte|word|dword|qword) ptr")
+_PTR_BYTES = {"byte": 1, "word": 2, "dword": 4, "qword": 8}
+
+
+def xen_literal(xs: XenSymbols, addr: int, mnemonic: str, ops: str) -> str | None:
+    """What hypervisor code reads at an unnamed ``addr`` in a data section, shown as the
+    payload side shows it: ``.rodata+0x10 "text"`` for a string whose address is taken,
+    ``.rodata+0x20 = 0x2a`` for a constant loaded (its value in xen-syms); None otherwise."""
+    place = xs.data_at(addr)
+    if place is None:
+        return None
+    name, offset, body = place
+    where = f"{name}+{offset:#x}"
+    size = _PTR_SIZE.search(ops)
+    if mnemonic != "lea" and size:
+        width = _PTR_BYTES[size.group(1)]
+        if len(body) >= width:
+            return f"{where} = {int.from_bytes(body[:width], 'little'):#x}"
+        return None
+    end = bytes(body[:_MAX_STRING * 4]).find(b"\0")
+    raw = bytes(body[:end]) if end > 0 else b""
+    if raw and all(32 <= c < 127 or c in (9, 10) for c in raw):
+        return f"{where} {quote(raw)}"
+    return None
+
+
 def disassemble_linked(code: bytes, addr: int, xs: XenSymbols) -> list[Instruction]:
     """Instructions of hypervisor code at ``addr``, targets named from ``xs``."""
     out = []
@@ -232,8 +258,10 @@ def disassemble_linked(code: bytes, addr: int, xs: XenSymbols) -> list[Instructi
                 label = xen_label(xs, target)
                 if label:
                     text = _join(mnemonic, _RIP.sub(f"rip + <{label}>", ops, count=1))
-                else:  # an unnamed place (a string literal): its address, as objdump shows it
-                    text += f"  # {target:#x}"
+                else:  # an unnamed place: the literal or constant there, else its address
+                    label = xen_literal(xs, target, mnemonic, ops)
+                    text = (_join(mnemonic, _RIP.sub(f"rip + <{label}>", ops, count=1))
+                            if label else text + f"  # {target:#x}")
         out.append(Instruction(at - addr, at, code[at - addr:at - addr + length], text))
     return out
 

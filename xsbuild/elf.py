@@ -185,6 +185,54 @@ class Elf:
 # Reading
 
 
+# e_machine values a user may meet, named as binutils names them (readelf -h).
+_MACHINE_NAMES = {3: "i386", 8: "MIPS", 20: "PowerPC", 21: "PowerPC64", 22: "S/390", 40: "ARM",
+                  62: "x86-64", 183: "AArch64", 243: "RISC-V"}
+
+
+def machine_name(e_machine: int) -> str:
+    return _MACHINE_NAMES.get(e_machine, f"machine {e_machine}")
+
+
+def check_elf_header(label: str, data: bytes) -> int:
+    """What every reader checks first, one line each: an ELF, whole, for x86-64.  Returns
+    e_type.  Raises :class:`ElfParseError` (exit 2: bad input) naming the problem."""
+    if len(data) < 4 or data[:4] != b"\x7fELF":
+        raise ElfParseError(f"{label}: not an ELF file")
+    if len(data) < 20:
+        raise ElfParseError(f"{label}: truncated ELF header ({len(data)} bytes)")
+    e_type, e_machine = struct.unpack_from("<HH", data, 16)
+    if e_machine != xen_abi.ELF_MACHINE_X86_64:
+        raise ElfParseError(f"{label}: built for {machine_name(e_machine)} (e_machine "
+                            f"{e_machine}), not x86-64")
+    if data[4] != 2 or data[5] != 1:
+        raise ElfParseError(f"{label}: not a 64-bit little-endian ELF (x86-64 objects only)")
+    if len(data) < xen_abi.ELF64_EHDR_SIZE:
+        raise ElfParseError(f"{label}: truncated ELF header ({len(data)} bytes)")
+    _check_extent(label, data)
+    return e_type
+
+
+def _check_extent(label: str, data: bytes) -> None:
+    """The section header table and every section's bytes lie inside the file."""
+    shoff, = struct.unpack_from("<Q", data, 0x28)
+    shentsize, shnum = struct.unpack_from("<HH", data, 0x3A)
+    if shnum >= xen_abi.MAX_SECTIONS:
+        return  # Xen's loader refuses that many sections first (-EOPNOTSUPP): a rule, not input
+    if shnum and shentsize < xen_abi.ELF64_SHDR_SIZE:
+        raise ElfParseError(f"{label}: malformed ELF: e_shentsize {shentsize}")
+    end = shoff + shnum * shentsize
+    if end > len(data):
+        raise ElfParseError(f"{label}: truncated: its section headers end at byte {end}, the "
+                            f"file has {len(data)}")
+    for i in range(shnum):
+        sh_type, = struct.unpack_from("<I", data, shoff + i * shentsize + 4)
+        offset, size = struct.unpack_from("<QQ", data, shoff + i * shentsize + 0x18)
+        if sh_type != SHT_NOBITS and offset + size > len(data):
+            raise ElfParseError(f"{label}: truncated: section {i} ends at byte {offset + size}, "
+                                f"the file has {len(data)}")
+
+
 def read_elf(path: str | os.PathLike[str], data: bytes | None = None) -> Elf:
     """Parse a relocatable x86-64 ELF object into the model.
 
@@ -197,15 +245,7 @@ def read_elf(path: str | os.PathLike[str], data: bytes | None = None) -> Elf:
             data = Path(path).read_bytes()
         except OSError as exc:
             raise ElfParseError(f"{label}: cannot read: {exc.strerror or exc}") from exc
-    if len(data) < 4 or data[:4] != b"\x7fELF":
-        raise ElfParseError(f"{label}: not an ELF file")
-    if len(data) < xen_abi.ELF64_EHDR_SIZE:
-        raise ElfParseError(f"{label}: truncated ELF header")
-    if data[4] != 2 or data[5] != 1:
-        raise ElfParseError(f"{label}: not a 64-bit little-endian ELF (x86-64 objects only)")
-    e_type, e_machine = struct.unpack_from("<HH", data, 16)
-    if e_machine != xen_abi.ELF_MACHINE_X86_64:
-        raise ElfParseError(f"{label}: wrong machine {e_machine} (need x86-64, 62)")
+    e_type = check_elf_header(label, data)
     if e_type != ET_REL:
         raise ElfParseError(f"{label}: not a relocatable object (e_type {e_type}; need ET_REL)")
     try:

@@ -42,11 +42,13 @@ class XenSymbols:
     """Name -> symbol for one hypervisor build, plus its build-id and its code bytes."""
 
     def __init__(self, path: str, build_id: bytes, symbols: dict[str, XenSymbol],
-                 text: list[tuple[int, bytes]]) -> None:
+                 text: list[tuple[int, bytes]],
+                 data: tuple[tuple[str, int, memoryview], ...] = ()) -> None:
         self.path = path
         self.build_id = build_id
         self.by_name = symbols
         self._text = text  # (start address, bytes) of each executable SHF_ALLOC PROGBITS section
+        self.data = data  # (name, address, bytes) of each non-executable SHF_ALLOC PROGBITS
         self._by_addr: list[tuple[int, XenSymbol]] | None = None  # built on first symbol_at
         self._max_size = 0
 
@@ -72,6 +74,14 @@ class XenSymbols:
             i -= 1
         return None
 
+    def data_at(self, addr: int) -> tuple[str, int, memoryview] | None:
+        """(section name, offset, bytes from ``addr`` to the section's end) when ``addr`` is in
+        a data section, where string literals and constants live; else None."""
+        for name, start, body in self.data:
+            if start <= addr < start + len(body):
+                return name, addr - start, body[addr - start:]
+        return None
+
     def __contains__(self, name: str) -> bool:
         return name in self.by_name
 
@@ -89,8 +99,9 @@ class XenSymbols:
             data = Path(path).read_bytes()
         except OSError as exc:
             raise UsageError(f"{label}: cannot read xen-syms: {exc.strerror or exc}") from exc
-        if data[:4] != b"\x7fELF" or len(data) < 64 or data[4] != 2:
-            raise ElfParseError(f"{label}: not an ELF64 file (need the hypervisor's xen-syms)")
+        from xsbuild.elf import check_elf_header
+
+        check_elf_header(label, data)  # not an ELF, truncated, another machine: one line, exit 2
         try:
             return _parse(label, data)
         except (ElfParseError, UsageError):
@@ -136,7 +147,12 @@ def _parse(label: str, data: bytes) -> XenSymbols:
         is_local = bind == _STB_LOCAL
         full = f"{current_file}#{name}" if is_local else name
         symbols.setdefault(full, XenSymbol(full, st_value, st_size, stype == 2, is_local))
-    return XenSymbols(label, build_id, symbols, text)
+    # Data sections (SHF_ALLOC, not EXECINSTR), where string literals and constants live, to
+    # name what old code reads.  Not only read-only ones: Xen links .rodata writable.  ~1 MiB.
+    data_secs = tuple((sec.name, sec["sh_addr"], memoryview(sec.data()))
+                      for sec in ef.iter_sections()
+                      if sec["sh_type"] == "SHT_PROGBITS" and sec["sh_flags"] & 0x6 == 0x2)
+    return XenSymbols(label, build_id, symbols, text, data_secs)
 
 
 def parse_build_id_note(note: bytes) -> bytes:

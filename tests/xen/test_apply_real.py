@@ -152,3 +152,37 @@ def test_xsbuild_drives_real_xen(debian_tree: DebianTree, dom0_python: Dom0Pytho
     unexpected = [line for line in result.hypervisor_errors()
                   if not re.search(rf"{NAME} finished (APPLY|REVERT) with rc=-16$", line)]
     assert unexpected == [], why
+
+
+# Issue 13: the retry schedule grows geometrically from --timeout-start to --timeout, and the last
+# attempt uses --timeout.  Under TCG gathering the vCPUs takes 16-32 ms, so 1 ns ... 4.6 ms all
+# time out (-EBUSY) and only the operator's 100 ms can succeed; the old doubling schedule stopped
+# at 64 ns after 7 attempts and never tried it.
+GEOMETRIC = "--retries 6 --timeout-start 1ns --timeout 100ms"
+
+
+def test_retries_reach_the_timeout_on_real_xen(debian_tree: DebianTree, dom0_python: Dom0Python,
+                                              xen_boot: BootFn, tmp_path: Path) -> None:
+    payload = build_payload(debian_tree, tmp_path)
+    dom0_payload = f"/payload/{payload.name}"
+    script = Script(preamble=dom0_python.env)
+    script.step("xsb-load-geometric",
+                f"xsbuild load {dom0_payload} {GEOMETRIC} --verbose --json >/tmp/load.json "
+                "2>/tmp/verbose; rc=$?; cat /tmp/verbose; echo '=== json'; cat /tmp/load.json; "
+                "exit $rc")
+    script.step("extra-applied", READ_EXTRA)
+    lists(script, "geometric")
+    result = xen_boot(script, {**dom0_python.files(), payload: dom0_payload})
+    why = result.describe()
+
+    load = result.step("xsb-load-geometric")
+    assert load.rc == 0, f"{load.output}\n{why}"
+    verbose, _, raw = load.output.partition("=== json")
+    assert "rendezvous timeouts: 1 ns, " in verbose and ", 100 ms (7 attempts" in verbose, verbose
+    attempts = json.loads(raw)["apply"]["attempts"]
+    timeouts = [a["timeout_ns"] for a in attempts]
+    assert timeouts[0] == 1 and timeouts == sorted(timeouts), attempts
+    assert attempts[-1]["rc"] == 0 and all(a["rc"] == -16 for a in attempts[:-1]), attempts
+    assert timeouts[-1] == 100_000_000, attempts  # only the operator's limit gathers the CPUs
+    assert result.step("extra-applied").output.strip() == NEW_STRING, why
+    assert assert_lists_agree(result, "geometric") == {NAME: "APPLIED"}

@@ -10,6 +10,7 @@ Exit codes (also in the README):
   2  bad input or usage
   3  no functional change
   4  hypervisor busy (EBUSY/EAGAIN): retrying may succeed
+  5  ``build``: xsbuild cannot reproduce one of the tree's objects (its limitation)
   70 internal error (a bug in xsbuild)
 """
 
@@ -27,7 +28,8 @@ from xsbuild.errors import EXIT_BAD_INPUT, EXIT_INTERNAL, XsbuildError
 EPILOG = """\b
 Exit codes: 0 ok (diff: changes found), 1 refused (unpatchable change,
 payload Xen would reject, hypervisor error), 2 bad input or usage,
-3 no functional change, 4 hypervisor busy (retry), 70 internal error.
+3 no functional change, 4 hypervisor busy (retry), 5 build: xsbuild
+cannot reproduce an object of the tree (its limitation), 70 internal error.
 Set XSBUILD_TRACEBACK=1 to see a Python traceback on errors."""
 
 
@@ -59,22 +61,49 @@ def _register() -> None:
                 raise
 
 
+def _json_requested(argv: list[str]) -> bool:
+    return "--json" in argv
+
+
+def _command_name(argv: list[str]) -> str | None:
+    return next((a for a in argv if not a.startswith("-") and a in cli.commands), None)
+
+
+def _fail(argv: list[str], exc: BaseException, code: int, text: str) -> None:
+    """One line on stderr; with --json also the error object on stdout (docs/json-schema)."""
+    from xsbuild.cli.common import print_error_object
+
+    if _json_requested(argv) and not getattr(exc, "json_reported", False):
+        print_error_object(_command_name(argv), exc, code)
+    click.echo(f"xsbuild: error: {text}", err=True)
+    sys.exit(code)
+
+
+def _usage_text(exc: click.ClickException, argv: list[str]) -> str:
+    """Click's four-line usage error as one line, pointing at the command's --help."""
+    command = _command_name(argv)
+    path = f"xsbuild {command}" if command else "xsbuild"
+    return f"{exc.format_message()} (see '{path} --help')"
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: run the CLI, turn errors into one line and an exit code."""
     _register()
+    args = list(sys.argv[1:] if argv is None else argv)
     try:
-        rc = cli.main(args=argv, prog_name="xsbuild", standalone_mode=False)
+        rc = cli.main(args=args, prog_name="xsbuild", standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("xsbuild: interrupted", err=True)
         sys.exit(130)
     except click.ClickException as exc:
-        exc.show()
-        sys.exit(EXIT_BAD_INPUT)
+        if type(exc).__name__ == "NoArgsIsHelpError":  # bare `xsbuild`: the help is the answer
+            click.echo(exc.format_message(), err=True)
+            sys.exit(EXIT_BAD_INPUT)
+        _fail(args, exc, EXIT_BAD_INPUT, _usage_text(exc, args))
     except XsbuildError as exc:
         if os.environ.get("XSBUILD_TRACEBACK"):
             traceback.print_exc()
-        click.echo(f"xsbuild: error: {exc}", err=True)
-        sys.exit(exc.return_code)
+        _fail(args, exc, exc.return_code, str(exc))
     except KeyboardInterrupt:
         click.echo("xsbuild: interrupted", err=True)
         sys.exit(130)
@@ -83,8 +112,7 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, not a traceback
         if os.environ.get("XSBUILD_TRACEBACK"):
             traceback.print_exc()
-        click.echo(f"xsbuild: internal error (a bug in xsbuild): {type(exc).__name__}: {exc}",
-                   err=True)
-        sys.exit(EXIT_INTERNAL)
+        _fail(args, exc, EXIT_INTERNAL,
+              f"internal error (a bug in xsbuild): {type(exc).__name__}: {exc}")
     # Commands return None (success) or an exit code such as EXIT_NO_CHANGE (ctx.exit works too).
     sys.exit(rc if isinstance(rc, int) else 0)

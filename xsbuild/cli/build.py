@@ -6,12 +6,14 @@ import dataclasses
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import click
 
 from xsbuild.build import BuildOptions, build_payload
 from xsbuild.cli import cli
+from xsbuild.cli.common import check_output, parse_build_id_option
 from xsbuild.errors import UsageError, XsbuildError
 
 
@@ -19,10 +21,12 @@ def _progress(line: str) -> None:
     click.echo(f"xsbuild: {line}", err=True)
 
 
-def _build_id(value: str | None) -> bytes | None:
-    from xsbuild.xensyms import parse_build_id_arg
+def _silent(_line: str) -> None:
+    pass
 
-    return parse_build_id_arg(value) if value else None
+
+def _log_path(output: Path) -> Path:
+    return output.with_name(output.name + ".log")
 
 
 @cli.command("build")
@@ -56,30 +60,47 @@ def _build_id(value: str | None) -> bytes | None:
               help="Let the patch change the layout of TYPE ('struct domain', or 'domain'): "
                    "only when no live instance or unchanged code depends on it; repeatable.")
 @click.option("--keep-workdir", is_flag=True, help="Keep the scratch directory (debugging).")
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print a JSON summary on stdout (schema xsbuild.build/1).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress lines; only errors and the result.")
 def build_cmd(srcdir: Path | None, debian_version: str | None, patches: tuple[Path, ...],
               xen_syms: Path | None, output: Path, depends: str | None, xen_depends: str | None,
               name: str | None, jobs: int, prelink: bool, no_self_check: bool,
               new_statics: tuple[str, ...], allow_layout_changes: tuple[str, ...],
-              keep_workdir: bool, as_json: bool) -> None:
+              keep_workdir: bool, as_json: bool, quiet: bool) -> None:
     """Build a live-patch payload from source patches, reusing the tree's built objects.
 
     \b
-    xsbuild build --srcdir XEN_TREE --patch fix.patch --xen-syms xen-syms -o fix.livepatch
-    xsbuild build --debian 4.17.5+72-g01140da4e8-1 --patch fix.patch -o fix.livepatch
+    Examples:
+      xsbuild build --srcdir XEN_TREE --patch fix.patch --xen-syms xen-syms -o fix.livepatch
+      xsbuild build --debian 4.17.5+72-g01140da4e8-1 --patch fix.patch -o fix.livepatch
 
-    Writes OUTPUT and OUTPUT.log; the source tree is never modified.  A patch that changes
-    the layout of a struct or union is refused (exit 1) unless --allow-layout-change names it.
+    Writes OUTPUT and OUTPUT.log (also when the build fails: the error names it); the source
+    tree is never modified.  A patch that changes the layout of a struct or union is refused
+    (exit 1) unless --allow-layout-change names the type.
+
+    \b
+    Exit status: 0 payload written, 1 refused (an unpatchable change,
+    a struct-layout change, a payload Xen would reject), 2 bad input
+    (a missing tree, a patch that does not apply, a compile error, a
+    stale tree), 3 no functional change, 5 xsbuild cannot reproduce
+    one of the tree's objects (its own limitation: please report it).
     """
+    for path in (output, _log_path(output)):
+        check_output(path, (*patches, *([xen_syms] if xen_syms else [])))
+    if srcdir is not None and not srcdir.exists():
+        raise UsageError(f"--srcdir {srcdir}: does not exist")
+    progress = _silent if quiet else _progress
     try:
         opts = _options(srcdir, debian_version, patches, xen_syms, output, depends, xen_depends,
-                        name, jobs, prelink, no_self_check, keep_workdir)
+                        name, jobs, prelink, no_self_check, keep_workdir, progress)
         opts = dataclasses.replace(opts, new_statics=new_statics,
                                    allow_layout_changes=allow_layout_changes)
-        summary = build_payload(opts, _progress)
+        summary = build_payload(opts, progress)
     except XsbuildError as exc:
-        if as_json:
-            _print_failure(exc)
+        log = _log_path(output)
+        if log.is_file() and exc.args:  # say where the log is, in the one error line
+            exc.args = (f"{exc} (log: {log})", *exc.args[1:])
         raise
     if as_json:
         json.dump(summary.to_json(), sys.stdout, indent=2)
@@ -94,28 +115,20 @@ def build_cmd(srcdir: Path | None, debian_version: str | None, patches: tuple[Pa
 def _options(srcdir: Path | None, debian_version: str | None, patches: tuple[Path, ...],
              xen_syms: Path | None, output: Path, depends: str | None, xen_depends: str | None,
              name: str | None, jobs: int, prelink: bool, no_self_check: bool,
-             keep_workdir: bool) -> BuildOptions:
+             keep_workdir: bool, progress: Callable[[str], None] = _progress) -> BuildOptions:
     if (srcdir is None) == (debian_version is None):
         raise UsageError("give exactly one of --srcdir and --debian")
     if debian_version is not None:
         from xsbuild.debian import debian_base
 
-        base = debian_base(debian_version, jobs=jobs, progress=_progress)
+        base = debian_base(debian_version, jobs=jobs, progress=progress)
         srcdir, xen_syms = base.top, xen_syms or base.xen_syms
     if xen_syms is None:
         raise UsageError("--xen-syms is required with --srcdir (the running hypervisor's "
                          "xen-syms, with symbols)")
     assert srcdir is not None
     return BuildOptions(srcdir=srcdir, patches=patches, xen_syms=xen_syms, output=output,
-                        depends=_build_id(depends), xen_depends=_build_id(xen_depends),
+                        depends=parse_build_id_option("--depends", depends),
+                        xen_depends=parse_build_id_option("--xen-depends", xen_depends),
                         name=name, jobs=jobs, prelink=prelink, self_check=not no_self_check,
                         keep_workdir=keep_workdir)
-
-
-def _print_failure(exc: XsbuildError) -> None:
-    """With --json, a failed build still prints a summary: status, message and refusals."""
-    problems = getattr(exc, "problems", None)
-    doc = {"schema": "xsbuild.build/1", "status": type(exc).__name__, "error": str(exc),
-           "exit_code": exc.return_code, "refused": list(problems) if problems else []}
-    json.dump(doc, sys.stdout, indent=2)
-    sys.stdout.write("\n")

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import click
 
 from xsbuild.cli import cli
+from xsbuild.errors import UsageError
 
 if TYPE_CHECKING:
     from xsbuild.demo import DemoReport
@@ -35,6 +36,9 @@ def demo_cmd(workdir: Path | None) -> None:
     """
     from xsbuild.demo import run_demo
 
+    if workdir is not None and not workdir.absolute().parent.is_dir():
+        raise UsageError(f"-w {workdir}: directory {workdir.absolute().parent} does not exist "
+                         "(the work directory itself is created, its parent is not)")
     temporary = workdir is None
     root = Path(tempfile.mkdtemp(prefix="xsbuild-demo-")) if workdir is None else workdir
     count = 0

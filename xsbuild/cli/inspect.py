@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from xsbuild.cli import cli
+from xsbuild.cli.common import check_output
 from xsbuild.errors import UsageError
 
 _EXISTING = click.Path(exists=True, dir_okay=False, path_type=Path)
@@ -67,6 +68,9 @@ def inspect_cmd(payload: Path, xen_syms: Path | None, others: tuple[Path, ...], 
     from xsbuild.report import render
     from xsbuild.xensyms import XenSymbols
 
+    if output is not None:
+        check_output(output, (payload, *others, *([xen_syms] if xen_syms else [])))
+
     xs = XenSymbols.load(xen_syms) if xen_syms else None
     loaded = [load_other_payload(p) for p in others]
     _emit(render(inspect_payload(payload, xs, loaded), fmt), output)
@@ -99,6 +103,9 @@ def explain_cmd(orig: Path, patched: Path, new_statics: tuple[str, ...], fmt: st
     """
     from xsbuild.explain import explain_files
     from xsbuild.report import render
+
+    if output is not None:
+        check_output(output, (orig, patched))
 
     report = explain_files(orig, patched, allow_new_statics=new_statics)
     _emit(render(report, fmt), output)

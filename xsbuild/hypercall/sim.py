@@ -6,7 +6,7 @@ of a ``struct xen_sysctl`` exactly as privcmd would, decodes it with the ctypes 
 buffers.  So ``--backend sim`` exercises the whole tool, ABI encoding included, without Xen.
 
 State lives in a JSON file between invocations (``--sim-state`` or ``XSBUILD_SIM_STATE``), guarded
-by ``flock`` and replaced atomically.  What is modelled (spec §2, §3.2, §4.2):
+by ``flock`` on its folder and replaced atomically.  What is modelled (spec §2, §3.2, §4.2):
 
 * UPLOAD: name/size checks (-EINVAL), same name (-EEXIST), payload validation through
   ``xsbuild.check.check_payload`` (a minimal note reader until that lands), xen_depends against the
@@ -462,13 +462,19 @@ class SimTransport:
 
     @contextlib.contextmanager
     def _locked_state(self) -> Iterator[SimState | None]:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(f"{self.path}.lock", "a+") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                yield self._load()
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+        """The state, under an exclusive lock on its folder: no lock file is left behind, and
+        a folder that does not exist is the user's mistake, not something to create."""
+        folder = self.path.parent
+        try:
+            fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError as exc:
+            what = "does not exist" if not folder.exists() else (exc.strerror or str(exc))
+            raise UsageError(f"--sim-state {self.path}: directory {folder} {what}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield self._load()
+        finally:
+            os.close(fd)  # closing releases the lock
 
     def _load(self) -> SimState | None:
         try:
