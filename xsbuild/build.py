@@ -290,6 +290,8 @@ def _layout_problem(type_key: str, lines: list[str]) -> str:
 
 def _log_capture(log: BuildLog, c: CaptureResult) -> None:
     log.note(f"patched files: {', '.join(c.patched_files)}")
+    for f in c.generated_files:
+        log.note(f"regenerated from the patched sources, changed: {f}", show=True)
     for obj in c.changed:
         kind = "new object" if obj.new else "changed object"
         log.note(f"{kind}: {obj.obj} (from {', '.join(obj.reasons)})", show=True)

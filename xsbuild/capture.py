@@ -140,6 +140,10 @@ class TreeIndex:
     objects: dict[str, ObjectCmd]
     linked: frozenset[str]
     recorded_top: str | None  # the tree's top as gcc saw it (the -ffile-prefix-map source)
+    # Files the build generates from others (compat headers, hypercall-defs.h, ...) that some
+    # object includes, directly or through another generated file: a patch to their inputs
+    # must regenerate them, in this order (inputs before outputs).
+    generated: tuple[GeneratedFile, ...] = ()
 
     @classmethod
     def load(cls, xen_dir: Path) -> TreeIndex:
@@ -155,7 +159,8 @@ class TreeIndex:
         objects = _with_real_sources(_objects_from_entries(entries), xen_dir)
         if not objects:
             raise UsageError(f"{xen_dir}: no .o.cmd files with compile lines; is it built?")
-        return cls(xen_dir, objects, _linked_closure(entries), _recorded_top(objects))
+        return cls(xen_dir, objects, _linked_closure(entries), _recorded_top(objects),
+                   _generated_files(entries, objects, xen_dir))
 
     def affected(self, path: str) -> list[ObjectCmd]:
         """Objects compiled from ``path`` (directly or through a symlink) or including it
@@ -197,6 +202,64 @@ def _objects_from_entries(entries: dict[str, dict[str, str]]) -> dict[str, Objec
         objects[target] = ObjectCmd(target, argv, os.path.normpath(source),
                                     _parse_deps(e.get("deps", "")), init)
     return objects
+
+
+@dataclass(frozen=True, slots=True)
+class GeneratedFile:
+    """A file make generates with a recorded command (``cmd_<target>`` in its ``.cmd`` file)."""
+
+    target: str  # relative to xen/
+    cmd: str  # the shell line, make's $$ already turned into $
+    inputs: frozenset[str]  # its source, its deps, and the tree's files its command names
+
+
+_CMD_WORD_RE = re.compile(r"[^\s<>|;&]+")
+
+
+def _generated_files(entries: dict[str, dict[str, str]], objects: dict[str, ObjectCmd],
+                     xen_dir: Path) -> tuple[GeneratedFile, ...]:
+    """Every generated file some object depends on (through any chain), inputs first."""
+    candidates: dict[str, GeneratedFile] = {}
+    for target, e in entries.items():
+        cmd = e.get("cmd")
+        if not cmd or target in objects or target.endswith((".o", ".a")) or target == "xen-syms":
+            continue
+        cmd = cmd.replace("$$", "$")
+        named = {os.path.normpath(w) for w in _CMD_WORD_RE.findall(cmd)
+                 if not w.startswith(("-", "/")) and (xen_dir / w).is_file()}
+        inputs = named | _parse_deps(e.get("deps", ""))
+        if e.get("source"):
+            inputs.add(os.path.normpath(e["source"]))
+        candidates[target] = GeneratedFile(target, cmd, frozenset(inputs - {target}))
+    wanted = {d for o in objects.values() for d in (*o.deps, o.source) if d in candidates}
+    todo = list(wanted)
+    while todo:
+        for dep in candidates[todo.pop()].inputs:
+            if dep in candidates and dep not in wanted:
+                wanted.add(dep)
+                todo.append(dep)
+    return tuple(_inputs_first([candidates[t] for t in sorted(wanted)]))
+
+
+def _inputs_first(files: list[GeneratedFile]) -> list[GeneratedFile]:
+    """Order generated files so each comes after the generated files it reads (a cycle, which
+    make would refuse, keeps the rest of its members in name order)."""
+    by_target = {g.target: g for g in files}
+    done: set[str] = set()
+    out: list[GeneratedFile] = []
+
+    def visit(g: GeneratedFile, path: frozenset[str]) -> None:
+        if g.target in done or g.target in path:
+            return
+        for dep in sorted(g.inputs):
+            if dep in by_target:
+                visit(by_target[dep], path | {g.target})
+        done.add(g.target)
+        out.append(g)
+
+    for g in files:
+        visit(g, frozenset())
+    return out
 
 
 def _with_real_sources(objects: dict[str, ObjectCmd], xen_dir: Path) -> dict[str, ObjectCmd]:
@@ -504,6 +567,7 @@ class CaptureResult:
     unchanged: list[str] = field(default_factory=list)  # recompiled, identical bytes
     not_linked: list[str] = field(default_factory=list)  # affected but not part of xen-syms
     ignored_files: list[str] = field(default_factory=list)  # touched, compiled into nothing
+    generated_files: list[str] = field(default_factory=list)  # regenerated, content changed
     patched_files: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -514,6 +578,7 @@ class CaptureResult:
             "unchanged_objects": self.unchanged,
             "not_linked_objects": self.not_linked,
             "ignored_files": self.ignored_files,
+            "generated_files": self.generated_files,
             "patched_files": self.patched_files,
         }
 
@@ -559,8 +624,13 @@ def capture(req: CaptureRequest, index: TreeIndex | None = None,
     _apply_patches(req.patches, shadow.dst, hyp_prefix, dry_run=True)
     result.timings["prepare"] = _since(t0)
 
-    plan = _plan(index, touched, result)
     _apply_patches(req.patches, shadow.dst, hyp_prefix, dry_run=False)
+    regenerated = _regenerate(index, {t.path.removeprefix("xen/") for t in touched}, shadow)
+    result.generated_files = [f"xen/{g}" for g in regenerated]
+    plan = _plan(index, [*touched, *(PatchedFile(f"xen/{g}") for g in regenerated)], result)
+    # A regenerated intermediate (a .i feeding a header) reaches objects only through its
+    # outputs: it is not a patched file that nothing uses.
+    result.ignored_files = [f for f in result.ignored_files if f not in result.generated_files]
     progress(f"compiling {len(plan)} patched object(s) (-j{req.jobs})")
     t1 = time.monotonic()
     patched = _compile_phase(plan, req, shadow, index, "patched")
@@ -576,6 +646,7 @@ def capture(req: CaptureRequest, index: TreeIndex | None = None,
         t2 = time.monotonic()
         patched_g = _compile_phase(debug_plan, req, shadow, index, "debug-patched")
         _apply_patches(req.patches, shadow.dst, hyp_prefix, dry_run=False, reverse=True)
+        _regenerate_originals(index, regenerated, shadow)
         orig_g = _compile_phase(debug_plan, req, shadow, index, "debug-orig")
         debug = {k: (orig_g[k].path, patched_g[k].path) for k in orig_g}
         if on_debug_pairs is not None and debug:
@@ -612,6 +683,57 @@ def _with_debug_info(o: ObjectCmd) -> ObjectCmd:
     at = o.argv.index("-c")
     extra = ("-g", "-fno-eliminate-unused-debug-types")
     return dataclasses.replace(o, argv=o.argv[:at] + extra + o.argv[at:])
+
+
+def _regenerate(index: TreeIndex, touched: set[str], shadow: Shadow) -> list[str]:
+    """Rerun, in the patched shadow, the command of every generated file whose inputs the patch
+    touched (or that another regenerated file feeds); return those whose content changed.
+
+    A file regenerated to the tree's own bytes changes nothing downstream.  Every output a
+    command writes is a real file of the shadow first, never a link into the user's tree.
+    """
+    changed: set[str] = set(touched)
+    out: list[str] = []
+    for g in index.generated:
+        if g.inputs & changed:
+            path = _run_generator(g, shadow, index)
+            if path.read_bytes() != (index.xen_dir / g.target).read_bytes():
+                changed.add(g.target)
+                out.append(g.target)
+    return out
+
+
+def _regenerate_originals(index: TreeIndex, regenerated: list[str], shadow: Shadow) -> None:
+    """Back in the unpatched shadow, regenerate what :func:`_regenerate` changed; each must
+    come out as the tree's own file, or the replay of the generator is not faithful."""
+    bad = []
+    for g in index.generated:
+        if g.target in regenerated:
+            path = _run_generator(g, shadow, index)
+            if path.read_bytes() != (index.xen_dir / g.target).read_bytes():
+                bad.append(f"{g.target}: regenerating it from the unpatched sources does not "
+                           "reproduce the tree's file")
+    if bad:
+        raise ReplayError(bad)
+
+
+def _run_generator(g: GeneratedFile, shadow: Shadow, index: TreeIndex) -> Path:
+    xen = shadow.dst / "xen"
+    for word in _CMD_WORD_RE.findall(g.cmd):
+        rel = os.path.normpath(word)
+        if not word.startswith(("-", "/")) and (xen / rel).is_symlink() and \
+                (xen / rel).is_file():
+            shadow.materialize(f"xen/{rel}")  # a command may write any file it names
+    target = shadow.real_parents(f"xen/{g.target}")
+    target.unlink(missing_ok=True)
+    cmd = g.cmd
+    if index.recorded_top:
+        cmd = cmd.replace(f"={index.recorded_top}=", f"={shadow.dst}=")
+    run = subprocess.run(cmd, shell=True, cwd=xen, capture_output=True, text=True, check=False)
+    if run.returncode != 0 or not target.is_file():
+        raise UsageError(f"regenerating {g.target} failed in the patched tree:\n"
+                         f"{_tail(run.stderr or run.stdout)}")
+    return target
 
 
 def _same_as_tree(p: _Planned, compiled: dict[str, CompiledObject], index: TreeIndex) -> bool:
