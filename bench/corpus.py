@@ -8,6 +8,8 @@ outcomes:
 
 * built: exit 0 and ``check`` accepts the payload;
 * refused: exit 1 (an unpatchable change, by reason) or 3 (no functional change);
+* does not compile: exit 2 with a compiler error that the tree's own make reproduces on a
+  patched copy of the tree (an undone commit that later code depends on: not xsbuild's to fix);
 * failed: anything else (exit 2 for a patch that applies and compiles, 5, 70, a traceback, or a
   payload ``check`` rejects).  A failure is a bug to fix; the script exits 1 when there is one.
 
@@ -19,7 +21,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -32,6 +36,8 @@ from debian_tree import default_top, default_xen_syms
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CORPUS = REPO.parent / "shared" / "corpus-public"
+XEN_MAKE = REPO.parent / "shared" / "harness" / "xen-make.sh"
+_COMPILE_FAILED = re.compile(r"compiling (\S+) failed in the patched tree")
 
 # A refusal's category, from the first problem line; the first pattern that matches wins.
 REASONS = [
@@ -90,7 +96,22 @@ def run_one(patch: Path, top: Path, xen_syms: Path, out_dir: Path, jobs: int) ->
                              check=False)
         checked = (chk.returncode, (chk.stdout + chk.stderr).strip().splitlines()[-1:] or [""])
         checked = (checked[0], checked[1][0])
-    return classify(patch, proc.returncode, proc.stderr, checked, seconds)
+    outcome = classify(patch, proc.returncode, proc.stderr, checked, seconds)
+    failed_obj = _COMPILE_FAILED.search(proc.stderr)
+    if outcome.exit_code == 2 and failed_obj and make_fails_too(top, patch, failed_obj.group(1)):
+        outcome.status, outcome.reason = "no-compile", f"{failed_obj.group(1)} does not compile"
+    return outcome
+
+
+def make_fails_too(top: Path, patch: Path, obj: str) -> bool:
+    """Does the tree's own make fail on that object in a patched copy of the tree?"""
+    with tempfile.TemporaryDirectory(prefix="xsb-corpus-make-") as tmp:
+        copy = Path(tmp) / top.name
+        shutil.copytree(top, copy, symlinks=True)
+        subprocess.run(["patch", "-p1", "-s", "-i", str(patch)], cwd=copy, check=True)
+        run = subprocess.run(["bash", str(XEN_MAKE), obj], env={**os.environ, "XENSRC": str(copy)},
+                             capture_output=True, text=True, check=False)
+        return run.returncode != 0
 
 
 def table(outcomes: list[Outcome]) -> str:
@@ -99,7 +120,7 @@ def table(outcomes: list[Outcome]) -> str:
     built = [o.seconds for o in outcomes if o.status == "built"]
     rows = [f"corpus: {len(outcomes)} patches",
             "| outcome | patches | seconds per patch (mean) |", "|---|---|---|"]
-    for status in ("built", "refused", "failed"):
+    for status in ("built", "refused", "no-compile", "failed"):
         secs = [o.seconds for o in outcomes if o.status == status]
         mean = f"{sum(secs) / len(secs):.1f}" if secs else "-"
         rows.append(f"| {status} | {by_status[status]} | {mean} |")
