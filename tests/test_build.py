@@ -49,8 +49,9 @@ CC = "gcc"
 CFLAGS = ["-m64", "-O2", "-g", "-std=gnu99", "-fno-pie", "-fno-common", "-fno-builtin",
           "-nostdinc", "-ffunction-sections", "-fdata-sections", "-mno-red-zone",
           "-fno-asynchronous-unwind-tables", "-Wall", "-Werror", "-I./include",
-          "-include", "./include/xen/config.h",
-          "-ffile-prefix-map=%s=." % TOP, "-fdebug-prefix-map=%s=." % TOP]
+          "-include", "./include/xen/config.h"]
+if not os.environ.get("FAKE_NO_PREFIX_MAP"):  # upstream's defaults: -g, no prefix map
+    CFLAGS += ["-ffile-prefix-map=%s=." % TOP, "-fdebug-prefix-map=%s=." % TOP]
 INIT_RENAME = ["--rename-section", ".rodata=.init.rodata",
                "--rename-section", ".rodata.str1.1=.init.rodata.str1.1"]
 
@@ -256,8 +257,9 @@ def write_tree(top: Path) -> None:
     (top / "mkfake.py").write_text(MKFAKE)
 
 
-def make(top: Path) -> None:
-    subprocess.run(["make", "-s", "-C", "xen"], cwd=top, check=True, capture_output=True)
+def make(top: Path, env: dict[str, str] | None = None) -> None:
+    subprocess.run(["make", "-s", "-C", "xen"], cwd=top, check=True, capture_output=True,
+                   env={**os.environ, **(env or {})})
 
 
 @pytest.fixture(scope="session")
@@ -654,6 +656,24 @@ def test_generator_that_does_not_reproduce_is_xsbuilds_limitation(tree: Path,
     with pytest.raises(ReplayError, match=r"include/xen/gen\.h: regenerating it from the "
                                           r"unpatched sources does not reproduce"):
         run_capture(tree, tmp_path, patch)
+
+
+def test_tree_built_without_prefix_map_replays(tmp_path: Path) -> None:
+    # As upstream's defconfig builds: -g and no -ffile-prefix-map, so every object holds the
+    # tree's absolute path (DW_AT_comp_dir).  The replay maps the shadow back to it: N of N,
+    # and a patch's original is the tree's object.
+    top = tmp_path / "nomap"
+    write_tree(top)
+    make(top, {"FAKE_NO_PREFIX_MAP": "1"})
+    index = TreeIndex.load(top / "xen")
+    assert index.recorded_top is None
+    assert str(top).encode() in (top / "xen/common/alpha.o").read_bytes()
+    report = replay_tree(top, tmp_path / "w", jobs=2, index=index)
+    assert (report.different, report.failed) == ([], [])
+    patch = make_patch(top, {"xen/common/alpha.c": replace_in(
+        top, "xen/common/alpha.c", '"alpha-1"', '"alpha-2"')}, tmp_path / "p.patch")
+    [c] = run_capture(top, tmp_path, patch).changed
+    assert c.orig.read_bytes() == (top / "xen/common/alpha.o").read_bytes()
 
 
 def test_files_outside_the_hypervisor_are_ignored(tree: Path, tmp_path: Path) -> None:

@@ -162,6 +162,11 @@ class TreeIndex:
         return cls(xen_dir, objects, _linked_closure(entries), _recorded_top(objects),
                    _generated_files(entries, objects, xen_dir))
 
+    @property
+    def top(self) -> Path:
+        """The tree's top, where gcc ran (absolute, as the build saw it)."""
+        return self.xen_dir.absolute().parent
+
     def affected(self, path: str) -> list[ObjectCmd]:
         """Objects compiled from ``path`` (directly or through a symlink) or including it
         (paths relative to ``xen/``)."""
@@ -465,7 +470,7 @@ class CompiledObject:
 
 
 def compile_object(o: ObjectCmd, *, cwd: Path, out_dir: Path, new_top: Path | None,
-                   recorded_top: str | None) -> CompiledObject:
+                   recorded_top: str | None, tree_top: Path | None = None) -> CompiledObject:
     """Replay ``o``'s compile line in ``cwd`` (the shadow's ``xen/``), writing under ``out_dir``.
 
     Output (``-o``) and dependency file (``-MF``) are redirected to ``out_dir`` so nothing is
@@ -477,7 +482,7 @@ def compile_object(o: ObjectCmd, *, cwd: Path, out_dir: Path, new_top: Path | No
     final = out_dir / o.final
     final.parent.mkdir(parents=True, exist_ok=True)
     raw = out_dir / (o.obj + ".raw")
-    argv = _rewrite_argv(o, raw, out_dir / (o.obj + ".d"), new_top, recorded_top)
+    argv = _rewrite_argv(o, raw, out_dir / (o.obj + ".d"), new_top, recorded_top, tree_top)
     run = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, check=False)
     if run.returncode != 0:
         return CompiledObject(o.final, final, _tail(run.stderr or run.stdout), _since(start))
@@ -500,7 +505,7 @@ def compile_object(o: ObjectCmd, *, cwd: Path, out_dir: Path, new_top: Path | No
 
 
 def _rewrite_argv(o: ObjectCmd, out: Path, depfile: Path, new_top: Path | None,
-                  recorded_top: str | None) -> list[str]:
+                  recorded_top: str | None, tree_top: Path | None = None) -> list[str]:
     argv = list(o.argv)
     for i, a in enumerate(argv[:-1]):
         if a == "-o":
@@ -510,6 +515,12 @@ def _rewrite_argv(o: ObjectCmd, out: Path, depfile: Path, new_top: Path | None,
     if new_top is not None and recorded_top:
         argv = [a.replace(f"={recorded_top}=", f"={new_top}=") if "prefix-map=" in a else a
                 for a in argv]
+    elif new_top is not None and tree_top is not None:
+        # The tree was built without a prefix map (upstream's defaults, with -g): gcc wrote
+        # the tree's absolute path (DW_AT_comp_dir, absolute file names).  Map the shadow back
+        # to it; gcc does not record prefix-map options in DW_AT_producer.
+        at = argv.index("-c") if "-c" in argv else len(argv)
+        argv.insert(at, f"-ffile-prefix-map={new_top}={tree_top}")
     return argv
 
 
@@ -531,11 +542,12 @@ def _since(start: float) -> float:
 
 
 def compile_many(objs: list[ObjectCmd], *, cwd: Path, out_dir: Path, jobs: int,
-                 new_top: Path | None, recorded_top: str | None) -> list[CompiledObject]:
+                 new_top: Path | None, recorded_top: str | None,
+                 tree_top: Path | None = None) -> list[CompiledObject]:
     """Compile ``objs`` in parallel (gcc runs in subprocesses, so threads are enough)."""
     def one(o: ObjectCmd) -> CompiledObject:
         return compile_object(o, cwd=cwd, out_dir=out_dir, new_top=new_top,
-                              recorded_top=recorded_top)
+                              recorded_top=recorded_top, tree_top=tree_top)
 
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         return list(pool.map(one, objs))
@@ -869,7 +881,7 @@ def _compile_phase(plan: list[_Planned], req: CaptureRequest, shadow: Shadow, in
     try:
         done = compile_many([p.cmd for p in plan], cwd=shadow.dst / "xen",
                             out_dir=req.workdir / phase, jobs=req.jobs, new_top=shadow.dst,
-                            recorded_top=index.recorded_top)
+                            recorded_top=index.recorded_top, tree_top=index.top)
     finally:
         for path in placeholders:
             path.unlink()
@@ -969,9 +981,13 @@ def _first_section_difference(ours: Path, theirs: Path) -> str:
             if names_a != names_b:
                 only = sorted(set(names_a) ^ set(names_b))
                 return f"other sections: {', '.join(only[:3]) or 'same names, other order'}"
-            for sa, sb in zip(a.iter_sections(), b.iter_sections(), strict=True):
-                if sa.header != sb.header or sa.data() != sb.data():
-                    return f"first in section {sa.name}"
+            pairs = list(zip(a.iter_sections(), b.iter_sections(), strict=True))
+            for sa, sb in pairs:
+                if sa.data() != sb.data():
+                    return f"first in the contents of section {sa.name}"
+            for sa, sb in pairs:
+                if sa.header != sb.header:
+                    return f"same contents, other header of section {sa.name}"
     except (OSError, ELFError) as exc:
         return f"cannot read the objects: {exc}"
     return "same sections, other file layout"
@@ -1025,7 +1041,7 @@ def replay_tree(top: Path, workdir: Path, *, jobs: int = 2,
     shadow = Shadow(top, workdir / "shadow")
     cmds = sorted(index.objects.values(), key=lambda o: o.obj)
     done = compile_many(cmds, cwd=shadow.dst / "xen", out_dir=workdir / "replay", jobs=jobs,
-                        new_top=shadow.dst, recorded_top=index.recorded_top)
+                        new_top=shadow.dst, recorded_top=index.recorded_top, tree_top=index.top)
     compiled = {c.obj: c for c in done}
     report = ReplayReport()
     for o in cmds:
