@@ -22,10 +22,8 @@ from functools import lru_cache
 from xsbuild import xen_abi
 from xsbuild.elf import STT_FUNC, STT_NOTYPE, STT_OBJECT, STT_SECTION, Reloc, Section, Symbol
 
-# Field width written by each relocation type the payload may carry (spec §1.8).
-RELOC_WIDTH = {xen_abi.R_X86_64_64: 8, xen_abi.R_X86_64_PC32: 4, xen_abi.R_X86_64_PLT32: 4,
-               xen_abi.R_X86_64_NONE: 0, 10: 4, 11: 4, 24: 8, 9: 4, 41: 4, 42: 4, 3: 4}
-PC_RELATIVE = frozenset({xen_abi.R_X86_64_PC32, xen_abi.R_X86_64_PLT32, 24, 9, 41, 42})
+# Kept under their old names for the readers of payloads; the table is xen_abi.RELOC_KINDS.
+PC_RELATIVE = xen_abi.PC_RELATIVE_RELOC_TYPES
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,7 +49,7 @@ class Target:
 
 
 def field_width(rtype: int) -> int:
-    return RELOC_WIDTH.get(rtype, 4)
+    return xen_abi.reloc_width(rtype)
 
 
 def target_of(reloc: Reloc, pc_adjust: int = 0, real_offset: int | None = None) -> Target:

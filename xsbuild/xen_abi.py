@@ -114,21 +114,55 @@ NOTE_NAME_GNU = b"GNU\0"
 NOTE_HEADER = struct.Struct("<III")  # namesz, descsz, type
 
 # --------------------------------------------------------------------------------------------
-# Relocation types the loader performs (spec §1.8); every other type is -EOPNOTSUPP.
+# Relocation kinds (x86-64 psABI; spec §1.8): one row per type, as cle keeps one class per type.
+# ``width`` is the field the type writes; ``pc_relative`` says the CPU adds the distance from the
+# field to the end of its instruction (the addend then names ``target - (insn_end - r_offset)``);
+# ``accepted``: Xen's loader performs it (every other type is -EOPNOTSUPP).
+
+
+@dataclass(frozen=True, slots=True)
+class RelocKind:
+    type: int
+    name: str
+    width: int
+    pc_relative: bool
+    accepted: bool = False
+
+
+RELOC_KINDS = {k.type: k for k in (
+    RelocKind(0, "R_X86_64_NONE", 0, False, accepted=True),
+    RelocKind(1, "R_X86_64_64", 8, False, accepted=True),
+    RelocKind(2, "R_X86_64_PC32", 4, True, accepted=True),
+    RelocKind(3, "R_X86_64_GOT32", 4, False),
+    RelocKind(4, "R_X86_64_PLT32", 4, True, accepted=True),
+    RelocKind(9, "R_X86_64_GOTPCREL", 4, True),
+    RelocKind(10, "R_X86_64_32", 4, False),
+    RelocKind(11, "R_X86_64_32S", 4, False),
+    RelocKind(24, "R_X86_64_PC64", 8, True),
+    RelocKind(41, "R_X86_64_GOTPCRELX", 4, True),
+    RelocKind(42, "R_X86_64_REX_GOTPCRELX", 4, True),
+)}
 R_X86_64_NONE = 0
 R_X86_64_64 = 1
 R_X86_64_PC32 = 2
 R_X86_64_PLT32 = 4
-ACCEPTED_RELOC_TYPES = frozenset({R_X86_64_NONE, R_X86_64_64, R_X86_64_PC32, R_X86_64_PLT32})
-RELOC_TYPE_NAMES = {
-    0: "R_X86_64_NONE", 1: "R_X86_64_64", 2: "R_X86_64_PC32", 3: "R_X86_64_GOT32",
-    4: "R_X86_64_PLT32", 9: "R_X86_64_GOTPCREL", 10: "R_X86_64_32", 11: "R_X86_64_32S",
-    24: "R_X86_64_PC64", 41: "R_X86_64_GOTPCRELX", 42: "R_X86_64_REX_GOTPCRELX",
-}
+ACCEPTED_RELOC_TYPES = frozenset(k.type for k in RELOC_KINDS.values() if k.accepted)
+PC_RELATIVE_RELOC_TYPES = frozenset(k.type for k in RELOC_KINDS.values() if k.pc_relative)
+RELOC_TYPE_NAMES = {k.type: k.name for k in RELOC_KINDS.values()}
+DEFAULT_RELOC_WIDTH = 4  # an unknown type is assumed to write a 32-bit field
 
 
 def reloc_type_name(rtype: int) -> str:
     return RELOC_TYPE_NAMES.get(rtype, f"R_X86_64_<{rtype}>")
+
+
+def is_pc_relative(rtype: int) -> bool:
+    return rtype in PC_RELATIVE_RELOC_TYPES
+
+
+def reloc_width(rtype: int) -> int:
+    kind = RELOC_KINDS.get(rtype)
+    return kind.width if kind else DEFAULT_RELOC_WIDTH
 
 
 # --------------------------------------------------------------------------------------------
