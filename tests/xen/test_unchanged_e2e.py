@@ -26,14 +26,14 @@ STEMS = sorted(p.name.split("-", 1)[0] for p in PATCHES.glob("*.patch"))
 
 
 def _build(code: Path, tree: DebianTree, patch: Path, out: Path,
-           *extra: str) -> tuple[int, bytes, str]:
-    """(exit code, payload bytes, build-id from the JSON summary) of one ``xsbuild build``."""
+           *extra: str) -> tuple[int, bytes, str, str]:
+    """(exit code, payload bytes, build-id from the JSON summary, stderr) of one build."""
     proc = xsbuild_at(code, "build", "--srcdir", tree.source_top, "--patch", patch, "--xen-syms",
                       tree.debian_xen_syms, "-o", out, "--json", "-j", "1", *header_args(patch),
                       *extra, timeout=900)
     summary = json.loads(proc.stdout) if proc.stdout.strip() else {}
     return (proc.returncode, out.read_bytes() if out.exists() else b"",
-            str(summary.get("build_id", "")))
+            str(summary.get("build_id", "")), proc.stderr.decode(errors="replace"))
 
 
 def test_e2e_payloads_unchanged(debian_tree: DebianTree, tmp_path: Path) -> None:
@@ -43,7 +43,7 @@ def test_e2e_payloads_unchanged(debian_tree: DebianTree, tmp_path: Path) -> None
     base = baseline_checkout(tmp_path / "baseline")
     for side in ("base", "head"):
         (tmp_path / side).mkdir()
-    results: dict[str, dict[str, tuple[int, bytes, str]]] = {"base": {}, "head": {}}
+    results: dict[str, dict[str, tuple[int, bytes, str, str]]] = {"base": {}, "head": {}}
     for stem in STEMS:
         [patch] = PATCHES.glob(f"{stem}-*.patch")
         for side, code in (("base", base), ("head", REPO)):
@@ -52,7 +52,7 @@ def test_e2e_payloads_unchanged(debian_tree: DebianTree, tmp_path: Path) -> None
                 extra = ["--depends", results[side]["01"][2]]
             results[side][stem] = _build(code, debian_tree, patch,
                                          tmp_path / side / f"{stem}.livepatch", *extra)
-        rc0, data0, _ = results["base"][stem]
-        rc1, data1, _ = results["head"][stem]
-        assert rc1 == rc0, f"{patch.name}: exit {rc1}, base {BASE_COMMIT} exit {rc0}"
+        rc0, data0, _, _ = results["base"][stem]
+        rc1, data1, _, err1 = results["head"][stem]
+        assert rc1 == rc0, f"{patch.name}: exit {rc1}, base {BASE_COMMIT} exit {rc0}\n{err1}"
         assert data1 == data0, f"{patch.name}: payload differs from base {BASE_COMMIT}"
