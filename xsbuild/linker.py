@@ -42,7 +42,7 @@ from xsbuild.xensyms import XenSymbols
 # Sections concatenated across objects (Xen finds a section by its first name only).
 _MERGED_PREFIXES = (".rodata.str", ".rodata.cst")
 _MERGED_NAMES = frozenset({
-    xen_abi.SEC_FUNCS, ".livepatch.strings", xen_abi.SEC_ALTINSTRUCTIONS,
+    xen_abi.SEC_FUNCS, xen_abi.SEC_STRINGS, xen_abi.SEC_ALTINSTRUCTIONS,
     xen_abi.SEC_ALTINSTR_REPLACEMENT, xen_abi.SEC_EX_TABLE, xen_abi.SEC_FIXUP,
     *xen_abi.BUG_FRAME_SECTIONS, *xen_abi.HOOK_SECTIONS,
 })

@@ -41,8 +41,6 @@ from xsbuild.elf import (
 from xsbuild.errors import UnsupportedChangeError
 from xsbuild.relocs import Target, bug_frame_real_offset, target_of
 
-SEC_STRINGS = ".livepatch.strings"  # names for .livepatch.funcs (a plain read-only section)
-
 
 @dataclass(frozen=True, slots=True)
 class SpecialSection:
@@ -63,10 +61,12 @@ class SpecialSection:
 
 SPECIAL_SECTIONS = (
     SpecialSection(xen_abi.SEC_ALTINSTRUCTIONS,
-                   xen_abi.special_entry_size(xen_abi.SEC_ALTINSTRUCTIONS), fragment_field=4,
+                   xen_abi.special_entry_size(xen_abi.SEC_ALTINSTRUCTIONS),
+                   fragment_field=xen_abi.ALT_INSTR.offset("repl_offset"),
                    fragment_section=xen_abi.SEC_ALTINSTR_REPLACEMENT),
     SpecialSection(xen_abi.SEC_EX_TABLE, xen_abi.special_entry_size(xen_abi.SEC_EX_TABLE),
-                   fragment_field=4, fragment_section=xen_abi.SEC_FIXUP),
+                   fragment_field=xen_abi.EX_TABLE_ENTRY.offset("cont"),
+                   fragment_section=xen_abi.SEC_FIXUP),
     *(SpecialSection(name, xen_abi.special_entry_size(name), real_offset=bug_frame_real_offset)
       for name in xen_abi.BUG_FRAME_SECTIONS),
 )
@@ -250,8 +250,7 @@ class Cloner:
         start = t.delta
         if spec.name == xen_abi.SEC_ALTINSTRUCTIONS:
             entry = r.offset - spec.fragment_field  # type: ignore[operator]
-            repl_len = src.data[entry + 11]
-            end = start + repl_len
+            end = start + xen_abi.ALT_INSTR.unpack(src.data, entry).repl_len
         else:
             end = next((b for b in bounds if b > start), aux.size)
         flags = aux.flags & (SHF_ALLOC | SHF_EXECINSTR | SHF_WRITE)
@@ -280,7 +279,7 @@ class Cloner:
         changed = [u for u in self.ctx.changed_functions if u.status == Status.CHANGED]
         if not changed:
             return
-        strings = self.pool(SEC_STRINGS, SHF_ALLOC, 1)
+        strings = self.pool(xen_abi.SEC_STRINGS, SHF_ALLOC, 1)
         funcs = self.add_section(xen_abi.SEC_FUNCS, SHF_ALLOC | SHF_WRITE, xen_abi.FUNC_ALIGN,
                                  entsize=xen_abi.FUNC_SIZE)
         data = bytearray()
