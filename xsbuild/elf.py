@@ -7,14 +7,14 @@ sections and symbols; each ``Section`` knows its relocations (``relocs``) and th
 it; each ``Reloc`` points at a ``Symbol`` object, never at an index.  Indexes are assigned only when
 writing.
 
-pyelftools does the parsing (and its errors become :class:`ElfParseError`); nothing outside this
-module sees a pyelftools object.
+:mod:`xsbuild.elfraw` decodes the file (raw integers: a section type is kept as the number it
+was, so a read-then-write never changes it); this module builds the model on top and checks what
+the model relies on, each problem an :class:`ElfParseError` naming the file.
 """
 
 from __future__ import annotations
 
 import contextlib
-import io
 import os
 import struct
 import tempfile
@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from xsbuild import xen_abi
+from xsbuild.elfraw import RawElf, RawSection, RawSymbol, read_raw
 from xsbuild.errors import ElfParseError
 
 # gABI constants (System V ABI, "Object Files" chapter)
@@ -36,13 +37,6 @@ STB_LOCAL, STB_GLOBAL, STB_WEAK, STB_GNU_UNIQUE = 0, 1, 2, 10
 SHN_UNDEF, SHN_LORESERVE, SHN_ABS, SHN_COMMON, SHN_XINDEX = 0, 0xFF00, 0xFFF1, 0xFFF2, 0xFFFF
 ET_REL = 1
 _MAX_NOBITS = 1 << 30  # a larger .bss is a corrupt header, not a hypervisor object
-
-_SHT_NAMES = {"SHT_NULL": 0, "SHT_PROGBITS": 1, "SHT_SYMTAB": 2, "SHT_STRTAB": 3, "SHT_RELA": 4,
-              "SHT_HASH": 5, "SHT_DYNAMIC": 6, "SHT_NOTE": 7, "SHT_NOBITS": 8, "SHT_REL": 9,
-              "SHT_GROUP": 17, "SHT_SYMTAB_SHNDX": 18, "SHT_INIT_ARRAY": 14, "SHT_FINI_ARRAY": 15}
-_STT = {"STT_NOTYPE": 0, "STT_OBJECT": 1, "STT_FUNC": 2, "STT_SECTION": 3, "STT_FILE": 4,
-        "STT_COMMON": 5, "STT_TLS": 6, "STT_LOOS": 10}
-_STB = {"STB_LOCAL": 0, "STB_GLOBAL": 1, "STB_WEAK": 2, "STB_LOOS": 10}
 
 
 @dataclass(slots=True, eq=False)
@@ -208,52 +202,32 @@ def read_elf(path: str | os.PathLike[str], data: bytes | None = None) -> Elf:
         raise ElfParseError(f"{label}: wrong machine {e_machine} (need x86-64, 62)")
     if e_type != ET_REL:
         raise ElfParseError(f"{label}: not a relocatable object (e_type {e_type}; need ET_REL)")
-    try:
-        return _parse(label, data)
-    except ElfParseError:
-        raise
-    except Exception as exc:
-        raise ElfParseError(f"{label}: malformed ELF: {type(exc).__name__}: {exc}") from exc
+    return _parse(read_raw(label, data))
 
 
-def _parse(label: str, data: bytes) -> Elf:
-    from elftools.elf.elffile import ELFFile
-
-    ef = ELFFile(io.BytesIO(data))
-    shnum = ef.num_sections()
-    elf = Elf(path=label, osabi=data[7], flags=ef.header["e_flags"])
-    raw = [ef.get_section(i) for i in range(shnum)]
+def _parse(raw: RawElf) -> Elf:
+    label = raw.label
+    elf = Elf(path=label, osabi=raw.header.osabi, flags=raw.header.flags)
     by_index: dict[int, Section] = {}
-    symtab_raw = None
-    for i, rs in enumerate(raw):
-        if i == 0:
-            continue
-        hdr = rs.header
-        stype = _SHT_NAMES.get(hdr["sh_type"], hdr["sh_type"]) if isinstance(
-            hdr["sh_type"], str) else hdr["sh_type"]
-        if not isinstance(stype, int):
-            stype = 0x60000000
-        if stype == SHT_SYMTAB:
+    symtab_raw: RawSection | None = None
+    for rs in raw.sections[1:]:
+        if rs.type == SHT_SYMTAB:
             if symtab_raw is not None:
                 raise ElfParseError(f"{label}: more than one symbol table")
             symtab_raw = rs
-        if stype not in (SHT_NOBITS,) and hdr["sh_offset"] + hdr["sh_size"] > len(data):
-            raise ElfParseError(f"{label}: section {rs.name} extends past the end of the file "
-                                "(truncated?)")
-        if stype == SHT_NOBITS and hdr["sh_size"] > _MAX_NOBITS:
-            raise ElfParseError(f"{label}: section {rs.name} claims {hdr['sh_size']} bytes")
-        body = b"" if stype == SHT_NOBITS else data[hdr["sh_offset"]:hdr["sh_offset"]
-                                                     + hdr["sh_size"]]
-        sec = Section(name=rs.name, type=stype, flags=hdr["sh_flags"],
-                      addralign=hdr["sh_addralign"], entsize=hdr["sh_entsize"], data=body,
-                      size=hdr["sh_size"], link=hdr["sh_link"], info=hdr["sh_info"], index=i)
-        by_index[i] = sec
+        if rs.type == SHT_NOBITS and rs.size > _MAX_NOBITS:
+            raise ElfParseError(f"{label}: section {rs.name} claims {rs.size} bytes")
+        sec = Section(name=rs.name, type=rs.type, flags=rs.flags, addralign=rs.addralign,
+                      entsize=rs.entsize, data=raw.body(rs), size=rs.size, link=rs.link,
+                      info=rs.info, index=rs.index)
+        by_index[rs.index] = sec
         elf.sections.append(sec)
     if symtab_raw is None:
         raise ElfParseError(f"{label}: no symbol table (stripped object?)")
-    syms = _read_symbols(label, data, symtab_raw, by_index, raw)
+    syms = _read_symbols(label, raw.symbols(symtab_raw), by_index)
     elf.symbols = syms[1:]
-    for sec in elf.sections:
+    for rs in raw.sections[1:]:
+        sec = by_index[rs.index]
         if sec.type == SHT_REL:
             target = by_index.get(sec.info)
             if target is not None and target.is_alloc:
@@ -263,9 +237,7 @@ def _parse(label: str, data: bytes) -> Elf:
         target = by_index.get(sec.info)
         if target is None:
             continue
-        if sec.entsize != xen_abi.ELF64_RELA_SIZE or sec.size % xen_abi.ELF64_RELA_SIZE:
-            raise ElfParseError(f"{label}: {sec.name}: bad relocation entry size")
-        target.relocs = _read_relocs(label, sec, syms)
+        target.relocs = _read_relocs(label, raw, rs, syms)
         if target.relocs and target.relocs[-1].offset + 4 > target.size and target.is_alloc:
             raise ElfParseError(f"{label}: {sec.name}: relocation past the end of {target.name}")
     for sec in elf.sections:
@@ -273,26 +245,13 @@ def _parse(label: str, data: bytes) -> Elf:
     return elf
 
 
-def _read_symbols(label: str, data: bytes, symtab_raw: object, by_index: dict[int, Section],
-                  raw: list[object]) -> list[Symbol]:
-    hdr = symtab_raw.header  # type: ignore[attr-defined]
-    if hdr["sh_entsize"] != xen_abi.ELF64_SYM_SIZE or hdr["sh_size"] % xen_abi.ELF64_SYM_SIZE:
-        raise ElfParseError(f"{label}: bad symbol table entry size")
-    strtab = raw[hdr["sh_link"]] if hdr["sh_link"] < len(raw) else None
-    if strtab is None or strtab.header["sh_type"] != "SHT_STRTAB":  # type: ignore[attr-defined]
-        raise ElfParseError(f"{label}: symbol table has no string table")
-    strings = data[strtab.header["sh_offset"]:strtab.header["sh_offset"]  # type: ignore
-                   + strtab.header["sh_size"]]  # type: ignore[attr-defined]
-    body = data[hdr["sh_offset"]:hdr["sh_offset"] + hdr["sh_size"]]
+def _read_symbols(label: str, raw_syms: list[RawSymbol],
+                  by_index: dict[int, Section]) -> list[Symbol]:
     out: list[Symbol] = []
     current_file = ""
-    for i, (st_name, st_info, st_other, st_shndx, st_value, st_size) in enumerate(
-            struct.iter_unpack("<IBBHQQ", body)):
-        if st_name >= len(strings) and st_name:
-            raise ElfParseError(f"{label}: symbol {i} name out of range")
-        end = strings.find(b"\0", st_name)
-        name = strings[st_name:end if end >= 0 else len(strings)].decode("utf-8", "replace")
-        stype, bind = st_info & 0xF, st_info >> 4
+    for rsym in raw_syms:
+        i, name, stype, bind = rsym.index, rsym.name, rsym.type, rsym.bind
+        st_shndx, st_value, st_size = rsym.shndx, rsym.value, rsym.size
         sec = None
         if st_shndx == SHN_XINDEX:
             raise ElfParseError(f"{label}: extended section indexes are not supported")
@@ -302,9 +261,9 @@ def _read_symbols(label: str, data: bytes, symtab_raw: object, by_index: dict[in
                 raise ElfParseError(f"{label}: symbol {name!r} in bad section {st_shndx}")
         if stype == STT_FILE:
             current_file = name
-        sym = Symbol(name=name, type=stype, bind=bind, other=st_other, sec=sec, value=st_value,
-                     size=st_size, shndx=st_shndx, file=current_file if bind == STB_LOCAL else "",
-                     index=i)
+        sym = Symbol(name=name, type=stype, bind=bind, other=rsym.other, sec=sec,
+                     value=st_value, size=st_size, shndx=st_shndx,
+                     file=current_file if bind == STB_LOCAL else "", index=i)
         if sec is not None and stype != STT_SECTION and st_value + st_size > sec.size:
             raise ElfParseError(f"{label}: symbol {name!r} extends past the end of {sec.name}")
         if sec is not None and i:
@@ -315,12 +274,11 @@ def _read_symbols(label: str, data: bytes, symtab_raw: object, by_index: dict[in
     return out
 
 
-def _read_relocs(label: str, rsec: Section, syms: list[Symbol]) -> list[Reloc]:
+def _read_relocs(label: str, raw: RawElf, rela: RawSection, syms: list[Symbol]) -> list[Reloc]:
     out = []
-    for r_offset, r_info, r_addend in struct.iter_unpack("<QQq", rsec.data):
-        symi, rtype = r_info >> 32, r_info & 0xFFFFFFFF
+    for r_offset, symi, rtype, r_addend in raw.relocations(rela):
         if symi >= len(syms):
-            raise ElfParseError(f"{label}: {rsec.name}: relocation symbol {symi} out of range")
+            raise ElfParseError(f"{label}: {rela.name}: relocation symbol {symi} out of range")
         out.append(Reloc(offset=r_offset, type=rtype, sym=syms[symi], addend=r_addend))
     out.sort(key=lambda r: r.offset)
     return out
