@@ -95,6 +95,13 @@ def measure(name: str, paths: list[str]) -> dict[str, float] | None:
     return json.loads(proc.stdout)
 
 
+def _is_object(path: Path) -> bool:
+    """An ELF64 relocatable object (the tree also holds empty placeholder ``.o`` files)."""
+    with open(path, "rb") as f:
+        head = f.read(18)
+    return head[:5] == b"\x7fELF\x02" and head[16] == 1
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tree", type=Path, default=default_top())
@@ -105,7 +112,7 @@ def main() -> int:
         child(args.child)
         return 0
     paths = sorted(str(p) for p in (args.tree / "xen").rglob("*.o")
-                   if p.name not in ("built_in.o", "prelink.o"))
+                   if p.name not in ("built_in.o", "prelink.o") and _is_object(p))
     results = {}
     for name in READERS:
         runs = [r for r in (measure(name, paths) for _ in range(args.repeat)) if r is not None]

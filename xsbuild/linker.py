@@ -12,8 +12,8 @@ Steps of :func:`link`:
    check the old function is big enough for the 5-byte jump (9 after ENDBR64);
 4. rename payload-local symbols whose names Xen already has (a copied ``__func__.0``, a cold part),
    since Xen refuses a payload whose new symbols clash with its own (-EEXIST);
-5. hand the model to :mod:`xsbuild.format` for notes, build-id and bytes, and check the bytes as
-   the hypervisor will before anything is written.
+5. hand the model to :mod:`xsbuild.payload_format` for notes, build-id and bytes, and check the
+   bytes as the hypervisor will before anything is written.
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def link_files(objects: Sequence[str | os.PathLike[str]], out: str | os.PathLike
                depends: bytes | None = None, xen_depends: bytes | None = None,
                prelink: bool = False) -> LinkResult:
     """Link diff objects into the payload file ``out`` (written only if Xen would accept it)."""
-    from xsbuild import check, format
+    from xsbuild import check, payload_format
 
     if not objects:
         raise UsageError("no objects to link")
@@ -93,7 +93,7 @@ def link_files(objects: Sequence[str | os.PathLike[str]], out: str | os.PathLike
     model, funcs = link(elfs, xs, prelink=prelink)
     xen_dep = xen_depends if xen_depends is not None else xs.build_id
     dep = depends if depends is not None else xs.build_id
-    data, build_id = format.payload_bytes(model, depends=dep, xen_depends=xen_dep,
+    data, build_id = payload_format.payload_bytes(model, depends=dep, xen_depends=xen_dep,
                                           name=payload_name)
     report = check.check_payload(data, xs)
     if not report.ok:
