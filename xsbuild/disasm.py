@@ -22,11 +22,10 @@ import difflib
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from functools import lru_cache
 from itertools import zip_longest
 
 from xsbuild.elf import Reloc, Section, Symbol
-from xsbuild.relocs import PC_RELATIVE, symbol_at, target_of
+from xsbuild.relocs import PC_RELATIVE, disassembler, symbol_at, target_of
 from xsbuild.xensyms import XenSymbols
 
 # How a relocation's symbol is printed: payloads keep their (Xen) names, objects plain names.
@@ -108,17 +107,10 @@ def string_of(reloc: Reloc, pc_adjust: int) -> str | None:
 # Decoding
 
 
-@lru_cache(maxsize=1)
-def _capstone():  # type: ignore[no-untyped-def]
-    import capstone  # imported here: ``xsbuild --help`` must not pay for it
-
-    return capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
-
-
 def _decode(code: bytes, base: int) -> Iterator[tuple[int, int, str, str]]:
     """(address, size, mnemonic, operands); an undecodable byte becomes ``.byte`` and decoding
     resumes after it (data in text, a truncated tail)."""
-    md = _capstone()
+    md = disassembler()
     pos = 0
     while pos < len(code):
         progressed = False

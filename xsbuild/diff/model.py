@@ -16,7 +16,7 @@ from enum import StrEnum
 
 from xsbuild import xen_abi
 from xsbuild.elf import STT_FUNC, Elf, Reloc, Section, Symbol
-from xsbuild.relocs import InstructionEnds, Target, field_width, target_of
+from xsbuild.relocs import InstructionEnds, Target, by_symbol, field_width, target_of
 
 
 class Status(StrEnum):
@@ -163,8 +163,9 @@ def pc_adjust(u: Unit, r: Reloc, ends: InstructionEnds) -> int:
 
 
 def unit_targets(u: Unit, ends: InstructionEnds) -> list[tuple[Reloc, Target]]:
-    """Every relocation inside ``u`` with what it points at."""
-    return [(r, target_of(r, pc_adjust(u, r, ends))) for r in u.relocs()]
+    """Every relocation inside ``u`` with what it points at.  A relocation against a named
+    symbol points at it whatever the instruction: only the others make the decoder run."""
+    return [(r, target_of(r, 0 if by_symbol(r) else pc_adjust(u, r, ends))) for r in u.relocs()]
 
 
 @dataclass(slots=True)
