@@ -308,7 +308,8 @@ _GENERATED_TYPES = frozenset({SHT_SYMTAB, SHT_STRTAB, SHT_RELA, SHT_REL})
 
 
 def elf_bytes(elf: Elf) -> bytes:
-    """Serialise the model as an ET_REL ELF64 x86-64 object.
+    """Serialise the model as an ET_REL ELF64 x86-64 object: :func:`layout` decides every
+    section's contents and header, :func:`serialise` places them in the file.
 
     Layout: header, section contents in model order, ``.rela`` sections, ``.symtab``, ``.strtab``,
     ``.shstrtab``, section header table.  Every section gets an offset of at least 64 (Xen rejects
@@ -316,84 +317,115 @@ def elf_bytes(elf: Elf) -> bytes:
     other locals in model order (each FILE symbol ahead of the locals of its file, as ``ld -r``
     lays them out: readers, Xen's symbol tool included, attribute a local to the FILE symbol
     before it), then globals; ``sh_info`` of ``.symtab`` is the first global's index, as the gABI
-    requires.
+    requires.  A model that breaks its own invariants (a symbol in a section that is not in the
+    object) is a bug: ``ValueError``.
     """
-    # Tables are regenerated from the model; a read object's own tables are not content.
-    sections = [s for s in elf.sections if s.type not in _GENERATED_TYPES]
+    return serialise(elf, layout(elf))
+
+
+@dataclass(frozen=True, slots=True)
+class PlannedSection:
+    """One output section as laid out: everything its header says but its file offset."""
+
+    name: str
+    type: int
+    flags: int
+    body: bytes  # b"" for SHT_NOBITS
+    size: int
+    link: int
+    info: int
+    addralign: int
+    entsize: int
+    file_align: int  # alignment of its offset in the file
+
+
+def symbol_order(elf: Elf) -> tuple[list[Symbol], int]:
+    """The symbol table's order (without the null symbol) and the index of the first global."""
     locals_ = [s for s in elf.symbols if s.bind == STB_LOCAL]
     secsyms = [s for s in locals_ if s.is_section]
     others = [s for s in locals_ if not s.is_section]
     globals_ = [s for s in elf.symbols if s.bind != STB_LOCAL]
-    ordered = secsyms + others + globals_
-    sym_index = {id(s): i + 1 for i, s in enumerate(ordered)}
-    sec_index = {id(s): i + 1 for i, s in enumerate(sections)}
-    rela_secs = [s for s in sections if s.relocs]
-    n_content = len(sections)
-    rela_index = {id(s): n_content + 1 + i for i, s in enumerate(rela_secs)}
-    symtab_idx = n_content + len(rela_secs) + 1
-    strtab_idx, shstrtab_idx = symtab_idx + 1, symtab_idx + 2
-    shnum = shstrtab_idx + 1
+    return secsyms + others + globals_, 1 + len(secsyms) + len(others)
 
-    strtab, shstrtab = _StrTab(), _StrTab()
+
+def layout(elf: Elf) -> list[PlannedSection]:
+    """Every section of the output in file order, tables generated from the model."""
+    # Tables are regenerated from the model; a read object's own tables are not content.
+    sections = [s for s in elf.sections if s.type not in _GENERATED_TYPES]
+    ordered, first_global = symbol_order(elf)
+    sec_index = {s: i + 1 for i, s in enumerate(sections)}
+    sym_index = {s: i + 1 for i, s in enumerate(ordered)}
+    rela_secs = [s for s in sections if s.relocs]
+    symtab_idx = len(sections) + len(rela_secs) + 1
+    strtab = _StrTab()
+    symtab = _symtab_bytes(ordered, sec_index, strtab)
+    planned = [_content(sec) for sec in sections]
+    planned += [_rela(sec, sym_index, sec_index[sec], symtab_idx) for sec in rela_secs]
+    planned.append(PlannedSection(".symtab", SHT_SYMTAB, 0, symtab, len(symtab), symtab_idx + 1,
+                                  first_global, 8, xen_abi.ELF64_SYM_SIZE, 8))
+    planned.append(PlannedSection(".strtab", SHT_STRTAB, 0, bytes(strtab.buf), len(strtab.buf),
+                                  0, 0, 1, 0, 1))
+    return planned
+
+
+def _content(sec: Section) -> PlannedSection:
+    body = b"" if sec.is_nobits else bytes(sec.data)
+    if not sec.is_nobits and len(body) != sec.size:
+        raise ValueError(f"section {sec.name}: data length {len(body)} != size {sec.size}")
+    return PlannedSection(sec.name, sec.type, sec.flags, body, sec.size, sec.link, sec.info,
+                          sec.addralign, sec.entsize, sec.addralign)
+
+
+def _symtab_bytes(ordered: list[Symbol], sec_index: dict[Section, int],
+                  strtab: _StrTab) -> bytes:
     symtab = bytearray(xen_abi.ELF64_SYM_SIZE)
     for s in ordered:
         if s.sec is not None:
-            if id(s.sec) not in sec_index:
+            if s.sec not in sec_index:
                 raise ValueError(f"symbol {s.name} refers to a section not in the object")
-            shndx = sec_index[id(s.sec)]
+            shndx = sec_index[s.sec]
         else:
             shndx = s.shndx
         symtab += struct.pack("<IBBHQQ", strtab.add(s.name), (s.bind << 4) | s.type, s.other,
                               shndx, s.value, s.size)
-    first_global = 1 + len(secsyms) + len(others)
+    return bytes(symtab)
 
+
+def _rela(sec: Section, sym_index: dict[Symbol, int], target: int,
+          symtab_idx: int) -> PlannedSection:
+    body = bytearray()
+    for r in sorted(sec.relocs, key=lambda r: r.offset):
+        if r.sym not in sym_index:
+            raise ValueError(f"relocation in {sec.name} refers to a symbol not in the object: "
+                             f"{r.sym!r}")
+        body += struct.pack("<QQq", r.offset, (sym_index[r.sym] << 32) | r.type, r.addend)
+    return PlannedSection(".rela" + sec.name, SHT_RELA, SHF_INFO_LINK, bytes(body), len(body),
+                          symtab_idx, target, 8, xen_abi.ELF64_RELA_SIZE, 8)
+
+
+def serialise(elf: Elf, planned: list[PlannedSection]) -> bytes:
+    """The file: ELF header, each planned section at its aligned offset, ``.shstrtab``, the
+    section header table."""
+    shstrtab = _StrTab()
+    names = [shstrtab.add(p.name) for p in planned]
+    names.append(shstrtab.add(".shstrtab"))
+    planned = [*planned, PlannedSection(".shstrtab", SHT_STRTAB, 0, bytes(shstrtab.buf),
+                                        len(shstrtab.buf), 0, 0, 1, 0, 1)]
     out = bytearray(xen_abi.ELF64_EHDR_SIZE)
-    headers: list[tuple[int, int, int, int, int, int, int, int, int, int]] = []
-
-    def place(body: bytes, align: int) -> int:
-        nonlocal out
-        pad = _align(len(out), max(align, 1)) - len(out)
-        out += b"\0" * pad
-        off = len(out)
-        out += body
-        return off
-
-    for sec in sections:
-        body = b"" if sec.is_nobits else bytes(sec.data)
-        if not sec.is_nobits and len(body) != sec.size:
-            raise ValueError(f"section {sec.name}: data length {len(body)} != size {sec.size}")
-        off = place(body, sec.addralign)
-        headers.append((shstrtab.add(sec.name), sec.type, sec.flags, 0, off, sec.size,
-                        sec.link, sec.info, sec.addralign, sec.entsize))
-    for sec in rela_secs:
-        body = bytearray()
-        for r in sorted(sec.relocs, key=lambda r: r.offset):
-            if id(r.sym) not in sym_index:
-                raise ValueError(f"relocation in {sec.name} refers to a symbol not in the object: "
-                                 f"{r.sym!r}")
-            body += struct.pack("<QQq", r.offset, (sym_index[id(r.sym)] << 32) | r.type, r.addend)
-        off = place(bytes(body), 8)
-        headers.append((shstrtab.add(".rela" + sec.name), SHT_RELA, SHF_INFO_LINK, 0, off,
-                        len(body), symtab_idx, sec_index[id(sec)], 8, xen_abi.ELF64_RELA_SIZE))
-    off = place(bytes(symtab), 8)
-    headers.append((shstrtab.add(".symtab"), SHT_SYMTAB, 0, 0, off, len(symtab), strtab_idx,
-                    first_global, 8, xen_abi.ELF64_SYM_SIZE))
-    off = place(bytes(strtab.buf), 1)
-    headers.append((shstrtab.add(".strtab"), SHT_STRTAB, 0, 0, off, len(strtab.buf), 0, 0, 1, 0))
-    name_off = shstrtab.add(".shstrtab")
-    off = place(bytes(shstrtab.buf), 1)
-    headers.append((name_off, SHT_STRTAB, 0, 0, off, len(shstrtab.buf), 0, 0, 1, 0))
-    assert len(headers) == shnum - 1 and all(rela_index)
-
+    headers = bytearray(xen_abi.ELF64_SHDR_SIZE)  # the null section
+    for p, name in zip(planned, names, strict=True):
+        out += b"\0" * (_align(len(out), max(p.file_align, 1)) - len(out))
+        headers += struct.pack("<IIQQQQIIQQ", name, p.type, p.flags, 0, len(out), p.size,
+                               p.link, p.info, p.addralign, p.entsize)
+        out += p.body
     shoff = _align(len(out), 8)
     out += b"\0" * (shoff - len(out))
-    out += b"\0" * xen_abi.ELF64_SHDR_SIZE
-    for h in headers:
-        out += struct.pack("<IIQQQQIIQQ", *h)
+    out += headers
+    shnum = len(planned) + 1
     ident = b"\x7fELF" + bytes([2, 1, 1, elf.osabi, 0]) + b"\0" * 7
     struct.pack_into("<16sHHIQQQIHHHHHH", out, 0, ident, ET_REL, xen_abi.ELF_MACHINE_X86_64, 1,
                      0, 0, shoff, elf.flags, xen_abi.ELF64_EHDR_SIZE, 0, 0,
-                     xen_abi.ELF64_SHDR_SIZE, shnum, shstrtab_idx)
+                     xen_abi.ELF64_SHDR_SIZE, shnum, shnum - 1)
     return bytes(out)
 
 
