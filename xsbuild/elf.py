@@ -1,4 +1,5 @@
-"""The ELF object model shared by every stage, with a reader (pyelftools) and a writer.
+"""The ELF object model shared by every stage, with a reader (on :mod:`xsbuild.elfraw`) and a
+writer.
 
 Only relocatable x86-64 objects (ET_REL, ELF64, little-endian) are modelled: the diff inputs, the
 diff outputs and the payload itself.  The model is mutable and identity-keyed, in the manner of

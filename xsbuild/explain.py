@@ -216,7 +216,7 @@ def _function(u: Unit, included: bool) -> FunctionExplanation:
             fn.reason = "new, but nothing the payload carries uses it: left out"
     elif u.status == CHANGED and old is not None:
         fn.old_code, fn.new_code = code_of(old), code_of(u)
-        fn.difference = d = first_difference(old, u, fn.old_code, fn.new_code)
+        fn.difference = d = show_difference(old, u, fn.old_code, fn.new_code)
         if d.kind == ChangeKind.RELOCATION and d.old_target and d.new_target:
             # The disassembler's labels name strings by their text; say it that way.
             fn.reason = (f"relocation at +{d.offset or 0:#x} now points to "
@@ -250,7 +250,7 @@ def _data(u: Unit, included: bool) -> DataExplanation:
 # First differences
 
 
-def first_difference(old: Unit, new: Unit, old_code: list[Instruction],
+def show_difference(old: Unit, new: Unit, old_code: list[Instruction],
                      new_code: list[Instruction]) -> Difference:
     """The differ's :class:`xsbuild.diff.Change`, with the instructions it is about."""
     change = new.change

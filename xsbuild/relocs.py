@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass
+from enum import StrEnum
 from functools import lru_cache
 
 from xsbuild import xen_abi
@@ -25,6 +26,13 @@ from xsbuild.elf import STT_FUNC, STT_NOTYPE, STT_OBJECT, STT_SECTION, Reloc, Se
 
 # Kept under their old names for the readers of payloads; the table is xen_abi.RELOC_KINDS.
 PC_RELATIVE = xen_abi.PC_RELATIVE_RELOC_TYPES
+
+
+class TargetKind(StrEnum):
+    SYM = "sym"
+    STRING = "string"
+    CONST = "const"
+    ANON = "anon"
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,7 +49,7 @@ class Target:
                  ``delta`` is relative to the section start
     """
 
-    kind: str
+    kind: TargetKind
     delta: int
     sym: Symbol | None = None
     content: bytes = b""
@@ -62,7 +70,7 @@ def target_of(reloc: Reloc, pc_adjust: int = 0, real_offset: int | None = None) 
     sym = reloc.sym
     sec = sym.sec
     if by_symbol(reloc):
-        return Target("sym", reloc.addend, sym=sym)
+        return Target(TargetKind.SYM, reloc.addend, sym=sym)
     assert sec is not None
     base = sym.value  # 0 for a section symbol; the label's offset for .LC<n> labels
     where = base + (reloc.addend + pc_adjust if real_offset is None else real_offset)
@@ -71,15 +79,16 @@ def target_of(reloc: Reloc, pc_adjust: int = 0, real_offset: int | None = None) 
         start = string_start(sec, where)
         end = sec.data.find(b"\0", max(where, start))
         content = sec.data[start:end + 1 if end >= 0 else len(sec.data)]
-        return Target("string", field_value - start, content=content, section=sec, start=start)
+        return Target(TargetKind.STRING, field_value - start, content=content, section=sec,
+                      start=start)
     if sec.is_merge_const and sec.entsize:
         start = max(0, where) // sec.entsize * sec.entsize
-        return Target("const", field_value - start,
+        return Target(TargetKind.CONST, field_value - start,
                       content=sec.data[start:start + sec.entsize], section=sec, start=start)
     owner = symbol_at(sec, where)
     if owner is not None:
-        return Target("sym", field_value - owner.value, sym=owner)
-    return Target("anon", field_value, section=sec)
+        return Target(TargetKind.SYM, field_value - owner.value, sym=owner)
+    return Target(TargetKind.ANON, field_value, section=sec)
 
 
 def by_symbol(reloc: Reloc) -> bool:
