@@ -168,12 +168,15 @@ def _decode_bounds(code: bytes, start: int) -> tuple[list[int], list[int]]:
     return starts, ends
 
 
-@lru_cache(maxsize=1)
-def disassembler():  # type: ignore[no-untyped-def]
-    """The one capstone decoder (x86-64) of xsbuild, shared with :mod:`xsbuild.disasm`."""
+@lru_cache(maxsize=2)
+def disassembler(detail: bool = False):  # type: ignore[no-untyped-def]
+    """The one capstone decoder (x86-64) of xsbuild, shared with :mod:`xsbuild.disasm`; with
+    ``detail`` each instruction says where its displacement and immediate fields are."""
     import capstone  # imported here: commands that decode nothing must not pay for it
 
-    return capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
+    md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
+    md.detail = detail
+    return md
 
 
 def bug_frame_real_offset(addend: int, field_offset: int) -> int:
