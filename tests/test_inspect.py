@@ -28,7 +28,7 @@ from tests.support.toolchain import Toolchain, readelf
 from xsbuild import xen_abi
 from xsbuild.diff import diff_files
 from xsbuild.errors import ElfParseError, UsageError, XsbuildError
-from xsbuild.inspect import InspectReport, inspect_payload, load_other_payload
+from xsbuild.inspection import InspectReport, inspect_payload, load_other_payload
 from xsbuild.linker import link_files
 from xsbuild.report import FORMATS, render
 from xsbuild.xensyms import XenSymbols
@@ -398,7 +398,7 @@ def test_help_teaches_and_stays_light():
     proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "xsbuild", "--help"],
                           capture_output=True, text=True, timeout=60, check=True)
     imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines()}
-    assert not {"capstone", "jinja2", "xsbuild.inspect", "xsbuild.report"} & imported
+    assert not {"capstone", "jinja2", "xsbuild.inspection", "xsbuild.report"} & imported
 
 
 @settings(max_examples=60, deadline=None, derandomize=True,

@@ -128,8 +128,6 @@ class _Sym:
 _SHF_WRITE, _SHF_ALLOC, _SHF_EXEC, _SHF_MERGE = 1, 2, 4, 0x10
 _SHT_SYMTAB, _SHT_STRTAB, _SHT_RELA, _SHT_NOBITS, _SHT_REL = 2, 3, 4, 8, 9
 _SHN_UNDEF, _SHN_LORESERVE, _SHN_ABS, _SHN_COMMON = 0, 0xFF00, 0xFFF1, 0xFFF2
-_RELOC_WIDTH = {xen_abi.R_X86_64_64: 8, xen_abi.R_X86_64_PC32: 4, xen_abi.R_X86_64_PLT32: 4,
-                xen_abi.R_X86_64_NONE: 0}
 
 
 class _Checker:
@@ -349,10 +347,10 @@ class _Checker:
             self.fail(xen_abi.EINVAL, f"{where}: relocation against {sym.name or 'section'} in "
                       "a section that is not loaded")
             return
-        if r_offset + _RELOC_WIDTH[rtype] > target.size:
+        if r_offset + xen_abi.reloc_width(rtype) > target.size:
             self.fail(xen_abi.EINVAL, f"{where}: relocation past the end of {target.name}")
             return
-        if rtype in (xen_abi.R_X86_64_PC32, xen_abi.R_X86_64_PLT32) and self.xs is not None \
+        if xen_abi.is_pc_relative(rtype) and self.xs is not None \
                 and sym.shndx in (_SHN_UNDEF, _SHN_ABS):
             addr = self._resolve(sym.name) if sym.shndx == _SHN_UNDEF else sym.value
             base = self._payload_base()
@@ -518,11 +516,11 @@ class _Checker:
         relocs = self._relocs_of(alt)
         body = self.body(alt)
         for off in range(0, alt.size, xen_abi.ALT_INSTR_SIZE):
-            _o, _r, _cpuid, orig_len, repl_len, pad_len, _priv = struct.unpack_from(
-                xen_abi.ALT_INSTR_FORMAT, body, off)
+            entry = xen_abi.ALT_INSTR.unpack(body, off)
+            orig_len, repl_len, pad_len = entry.orig_len, entry.repl_len, entry.pad_len
             where = f"{alt.name} entry {off // xen_abi.ALT_INSTR_SIZE}"
-            orig = relocs.get(off)
-            rrel = relocs.get(off + 4)
+            orig = relocs.get(off + xen_abi.ALT_INSTR.offset("orig_offset"))
+            rrel = relocs.get(off + xen_abi.ALT_INSTR.offset("repl_offset"))
             if orig is None or not self._in_text(orig[0], orig[2], orig_len):
                 self.fail(xen_abi.EINVAL, f"{where}: original instructions not in the payload's "
                           "text")

@@ -22,11 +22,10 @@ import difflib
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from functools import lru_cache
 from itertools import zip_longest
 
 from xsbuild.elf import Reloc, Section, Symbol
-from xsbuild.relocs import PC_RELATIVE, symbol_at, target_of
+from xsbuild.relocs import PC_RELATIVE, disassembler, symbol_at, target_of
 from xsbuild.xensyms import XenSymbols
 
 # How a relocation's symbol is printed: payloads keep their (Xen) names, objects plain names.
@@ -108,17 +107,10 @@ def string_of(reloc: Reloc, pc_adjust: int) -> str | None:
 # Decoding
 
 
-@lru_cache(maxsize=1)
-def _capstone():  # type: ignore[no-untyped-def]
-    import capstone  # imported here: ``xsbuild --help`` must not pay for it
-
-    return capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
-
-
 def _decode(code: bytes, base: int) -> Iterator[tuple[int, int, str, str]]:
     """(address, size, mnemonic, operands); an undecodable byte becomes ``.byte`` and decoding
     resumes after it (data in text, a truncated tail)."""
-    md = _capstone()
+    md = disassembler()
     pos = 0
     while pos < len(code):
         progressed = False
@@ -131,6 +123,23 @@ def _decode(code: bytes, base: int) -> Iterator[tuple[int, int, str, str]]:
             pos += 1
 
 
+def _decode_detail(code: bytes, base: int) -> Iterator[tuple[int, int, str, str, _Fields]]:
+    """As :func:`_decode`, with each instruction's field positions (detail mode)."""
+    md = disassembler(detail=True)
+    pos = 0
+    while pos < len(code):
+        progressed = False
+        for insn in md.disasm(code[pos:], base + pos):
+            yield (insn.address, insn.size, insn.mnemonic, insn.op_str,
+                   _Fields(insn.disp_offset, insn.disp_size, insn.imm_offset, insn.imm_size,
+                           insn.disp))
+            pos = insn.address + insn.size - base
+            progressed = True
+        if not progressed:
+            yield base + pos, 1, ".byte", f"{code[pos]:#04x}", _Fields(0, 0, 0, 0)
+            pos += 1
+
+
 def _is_branch(mnemonic: str) -> bool:
     op = mnemonic.split()[-1]  # "notrack jmp", "bnd jmp"
     return op in ("call", "jmp", "xbegin", "jrcxz", "jecxz") or op.startswith(("j", "loop"))
@@ -140,15 +149,35 @@ def _join(mnemonic: str, ops: str) -> str:
     return f"{mnemonic} {ops}" if ops else mnemonic
 
 
-def _symbolise(mnemonic: str, ops: str, label: str, pc_relative: bool) -> tuple[str, str]:
-    """Put ``<label>`` where the relocated field shows in the operands; returns the operands and
-    a comment (for a field the operands do not show, e.g. an absolute displacement)."""
-    if pc_relative:
-        if _is_branch(mnemonic) and _IMMEDIATE.fullmatch(ops):
-            return f"<{label}>", ""
-        if _RIP.search(ops):
-            return _RIP.sub(f"rip + <{label}>", ops, count=1), ""
-    elif _TRAILING_IMMEDIATE.search(ops):
+@dataclass(frozen=True, slots=True)
+class _Fields:
+    """Where capstone's detail mode puts an instruction's displacement and immediate (offsets
+    from the instruction's first byte; 0 when it has none)."""
+
+    disp_offset: int
+    disp_size: int
+    imm_offset: int
+    imm_size: int
+    disp: int = 0  # the displacement's value
+
+    def is_disp(self, at: int) -> bool:
+        return bool(self.disp_size) and at == self.disp_offset
+
+    def is_imm(self, at: int) -> bool:
+        return bool(self.imm_size) and at == self.imm_offset
+
+
+def _symbolise(mnemonic: str, ops: str, label: str, field: int,
+               fields: _Fields) -> tuple[str, str]:
+    """Put ``<label>`` where the relocated field (``field`` bytes into the instruction) shows in
+    the operands; returns the operands and a comment (for a field the operands do not show, e.g.
+    an absolute displacement).  Which operand the field is comes from the decoder, not from the
+    text."""
+    if fields.is_imm(field) and _is_branch(mnemonic) and _IMMEDIATE.fullmatch(ops):
+        return f"<{label}>", ""
+    if fields.is_disp(field) and _RIP.search(ops):
+        return _RIP.sub(f"rip + <{label}>", ops, count=1), ""
+    if fields.is_imm(field) and not _is_branch(mnemonic) and _TRAILING_IMMEDIATE.search(ops):
         return _TRAILING_IMMEDIATE.sub(rf"\g<1><{label}>", ops, count=1), ""
     return ops, f"<{label}>"
 
@@ -172,13 +201,13 @@ def disassemble_relocatable(sec: Section, start: int, size: int,
     code = bytes(sec.data[start:start + size])
     relocs = [r for r in sec.relocs if start <= r.offset < start + size]
     out = []
-    for addr, length, mnemonic, ops in _decode(code, start):
+    for addr, length, mnemonic, ops, fields in _decode_detail(code, start):
         mine = [r for r in relocs if addr <= r.offset < addr + length]
         comments = []
         for r in mine:
             pc = r.type in PC_RELATIVE
             label = reloc_label(r, addr + length - r.offset if pc else 0, name_of)
-            ops, comment = _symbolise(mnemonic, ops, label, pc)
+            ops, comment = _symbolise(mnemonic, ops, label, r.offset - addr, fields)
             comments += [comment] if comment else []
         if not mine and _is_branch(mnemonic) and _IMMEDIATE.fullmatch(ops):
             ops = _local_branch(sec, int(ops, 0), name_of) or ops
@@ -244,24 +273,21 @@ def xen_literal(xs: XenSymbols, addr: int, mnemonic: str, ops: str) -> str | Non
 def disassemble_linked(code: bytes, addr: int, xs: XenSymbols) -> list[Instruction]:
     """Instructions of hypervisor code at ``addr``, targets named from ``xs``."""
     out = []
-    for at, length, mnemonic, ops in _decode(code, addr):
+    for at, length, mnemonic, ops, fields in _decode_detail(code, addr):
         text = _join(mnemonic, ops)
         if _is_branch(mnemonic) and _IMMEDIATE.fullmatch(ops):
             label = xen_label(xs, int(ops, 0) & (2**64 - 1))
             if label:
                 text = f"{mnemonic} <{label}>"
-        else:
-            m = _RIP.search(ops)
-            if m:
-                disp = int(m.group(2), 0) * (-1 if m.group(1) == "-" else 1) if m.group(2) else 0
-                target = at + length + disp
-                label = xen_label(xs, target)
-                if label:
-                    text = _join(mnemonic, _RIP.sub(f"rip + <{label}>", ops, count=1))
-                else:  # an unnamed place: the literal or constant there, else its address
-                    label = xen_literal(xs, target, mnemonic, ops)
-                    text = (_join(mnemonic, _RIP.sub(f"rip + <{label}>", ops, count=1))
-                            if label else text + f"  # {target:#x}")
+        elif fields.disp_size and _RIP.search(ops):
+            target = at + length + fields.disp  # the decoder's displacement, signed
+            label = xen_label(xs, target)
+            if label:
+                text = _join(mnemonic, _RIP.sub(f"rip + <{label}>", ops, count=1))
+            else:  # an unnamed place: the literal or constant there, else its address
+                label = xen_literal(xs, target, mnemonic, ops)
+                text = (_join(mnemonic, _RIP.sub(f"rip + <{label}>", ops, count=1))
+                        if label else text + f"  # {target:#x}")
         out.append(Instruction(at - addr, at, code[at - addr:at - addr + length], text))
     return out
 

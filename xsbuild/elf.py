@@ -1,4 +1,5 @@
-"""The ELF object model shared by every stage, with a reader (pyelftools) and a writer.
+"""The ELF object model shared by every stage, with a reader (on :mod:`xsbuild.elfraw`) and a
+writer.
 
 Only relocatable x86-64 objects (ET_REL, ELF64, little-endian) are modelled: the diff inputs, the
 diff outputs and the payload itself.  The model is mutable and identity-keyed, in the manner of
@@ -7,14 +8,14 @@ sections and symbols; each ``Section`` knows its relocations (``relocs``) and th
 it; each ``Reloc`` points at a ``Symbol`` object, never at an index.  Indexes are assigned only when
 writing.
 
-pyelftools does the parsing (and its errors become :class:`ElfParseError`); nothing outside this
-module sees a pyelftools object.
+:mod:`xsbuild.elfraw` decodes the file (raw integers: a section type is kept as the number it
+was, so a read-then-write never changes it); this module builds the model on top and checks what
+the model relies on, each problem an :class:`ElfParseError` naming the file.
 """
 
 from __future__ import annotations
 
 import contextlib
-import io
 import os
 import struct
 import tempfile
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from xsbuild import xen_abi
+from xsbuild.elfraw import RawElf, RawSection, RawSymbol, read_raw
 from xsbuild.errors import ElfParseError
 
 # gABI constants (System V ABI, "Object Files" chapter)
@@ -36,13 +38,6 @@ STB_LOCAL, STB_GLOBAL, STB_WEAK, STB_GNU_UNIQUE = 0, 1, 2, 10
 SHN_UNDEF, SHN_LORESERVE, SHN_ABS, SHN_COMMON, SHN_XINDEX = 0, 0xFF00, 0xFFF1, 0xFFF2, 0xFFFF
 ET_REL = 1
 _MAX_NOBITS = 1 << 30  # a larger .bss is a corrupt header, not a hypervisor object
-
-_SHT_NAMES = {"SHT_NULL": 0, "SHT_PROGBITS": 1, "SHT_SYMTAB": 2, "SHT_STRTAB": 3, "SHT_RELA": 4,
-              "SHT_HASH": 5, "SHT_DYNAMIC": 6, "SHT_NOTE": 7, "SHT_NOBITS": 8, "SHT_REL": 9,
-              "SHT_GROUP": 17, "SHT_SYMTAB_SHNDX": 18, "SHT_INIT_ARRAY": 14, "SHT_FINI_ARRAY": 15}
-_STT = {"STT_NOTYPE": 0, "STT_OBJECT": 1, "STT_FUNC": 2, "STT_SECTION": 3, "STT_FILE": 4,
-        "STT_COMMON": 5, "STT_TLS": 6, "STT_LOOS": 10}
-_STB = {"STB_LOCAL": 0, "STB_GLOBAL": 1, "STB_WEAK": 2, "STB_LOOS": 10}
 
 
 @dataclass(slots=True, eq=False)
@@ -248,52 +243,32 @@ def read_elf(path: str | os.PathLike[str], data: bytes | None = None) -> Elf:
     e_type = check_elf_header(label, data)
     if e_type != ET_REL:
         raise ElfParseError(f"{label}: not a relocatable object (e_type {e_type}; need ET_REL)")
-    try:
-        return _parse(label, data)
-    except ElfParseError:
-        raise
-    except Exception as exc:
-        raise ElfParseError(f"{label}: malformed ELF: {type(exc).__name__}: {exc}") from exc
+    return _parse(read_raw(label, data))
 
 
-def _parse(label: str, data: bytes) -> Elf:
-    from elftools.elf.elffile import ELFFile
-
-    ef = ELFFile(io.BytesIO(data))
-    shnum = ef.num_sections()
-    elf = Elf(path=label, osabi=data[7], flags=ef.header["e_flags"])
-    raw = [ef.get_section(i) for i in range(shnum)]
+def _parse(raw: RawElf) -> Elf:
+    label = raw.label
+    elf = Elf(path=label, osabi=raw.header.osabi, flags=raw.header.flags)
     by_index: dict[int, Section] = {}
-    symtab_raw = None
-    for i, rs in enumerate(raw):
-        if i == 0:
-            continue
-        hdr = rs.header
-        stype = _SHT_NAMES.get(hdr["sh_type"], hdr["sh_type"]) if isinstance(
-            hdr["sh_type"], str) else hdr["sh_type"]
-        if not isinstance(stype, int):
-            stype = 0x60000000
-        if stype == SHT_SYMTAB:
+    symtab_raw: RawSection | None = None
+    for rs in raw.sections[1:]:
+        if rs.type == SHT_SYMTAB:
             if symtab_raw is not None:
                 raise ElfParseError(f"{label}: more than one symbol table")
             symtab_raw = rs
-        if stype not in (SHT_NOBITS,) and hdr["sh_offset"] + hdr["sh_size"] > len(data):
-            raise ElfParseError(f"{label}: section {rs.name} extends past the end of the file "
-                                "(truncated?)")
-        if stype == SHT_NOBITS and hdr["sh_size"] > _MAX_NOBITS:
-            raise ElfParseError(f"{label}: section {rs.name} claims {hdr['sh_size']} bytes")
-        body = b"" if stype == SHT_NOBITS else data[hdr["sh_offset"]:hdr["sh_offset"]
-                                                     + hdr["sh_size"]]
-        sec = Section(name=rs.name, type=stype, flags=hdr["sh_flags"],
-                      addralign=hdr["sh_addralign"], entsize=hdr["sh_entsize"], data=body,
-                      size=hdr["sh_size"], link=hdr["sh_link"], info=hdr["sh_info"], index=i)
-        by_index[i] = sec
+        if rs.type == SHT_NOBITS and rs.size > _MAX_NOBITS:
+            raise ElfParseError(f"{label}: section {rs.name} claims {rs.size} bytes")
+        sec = Section(name=rs.name, type=rs.type, flags=rs.flags, addralign=rs.addralign,
+                      entsize=rs.entsize, data=raw.body(rs), size=rs.size, link=rs.link,
+                      info=rs.info, index=rs.index)
+        by_index[rs.index] = sec
         elf.sections.append(sec)
     if symtab_raw is None:
         raise ElfParseError(f"{label}: no symbol table (stripped object?)")
-    syms = _read_symbols(label, data, symtab_raw, by_index, raw)
+    syms = _read_symbols(label, raw.symbols(symtab_raw), by_index)
     elf.symbols = syms[1:]
-    for sec in elf.sections:
+    for rs in raw.sections[1:]:
+        sec = by_index[rs.index]
         if sec.type == SHT_REL:
             target = by_index.get(sec.info)
             if target is not None and target.is_alloc:
@@ -303,9 +278,7 @@ def _parse(label: str, data: bytes) -> Elf:
         target = by_index.get(sec.info)
         if target is None:
             continue
-        if sec.entsize != xen_abi.ELF64_RELA_SIZE or sec.size % xen_abi.ELF64_RELA_SIZE:
-            raise ElfParseError(f"{label}: {sec.name}: bad relocation entry size")
-        target.relocs = _read_relocs(label, sec, syms)
+        target.relocs = _read_relocs(label, raw, rs, syms)
         if target.relocs and target.relocs[-1].offset + 4 > target.size and target.is_alloc:
             raise ElfParseError(f"{label}: {sec.name}: relocation past the end of {target.name}")
     for sec in elf.sections:
@@ -313,26 +286,13 @@ def _parse(label: str, data: bytes) -> Elf:
     return elf
 
 
-def _read_symbols(label: str, data: bytes, symtab_raw: object, by_index: dict[int, Section],
-                  raw: list[object]) -> list[Symbol]:
-    hdr = symtab_raw.header  # type: ignore[attr-defined]
-    if hdr["sh_entsize"] != xen_abi.ELF64_SYM_SIZE or hdr["sh_size"] % xen_abi.ELF64_SYM_SIZE:
-        raise ElfParseError(f"{label}: bad symbol table entry size")
-    strtab = raw[hdr["sh_link"]] if hdr["sh_link"] < len(raw) else None
-    if strtab is None or strtab.header["sh_type"] != "SHT_STRTAB":  # type: ignore[attr-defined]
-        raise ElfParseError(f"{label}: symbol table has no string table")
-    strings = data[strtab.header["sh_offset"]:strtab.header["sh_offset"]  # type: ignore
-                   + strtab.header["sh_size"]]  # type: ignore[attr-defined]
-    body = data[hdr["sh_offset"]:hdr["sh_offset"] + hdr["sh_size"]]
+def _read_symbols(label: str, raw_syms: list[RawSymbol],
+                  by_index: dict[int, Section]) -> list[Symbol]:
     out: list[Symbol] = []
     current_file = ""
-    for i, (st_name, st_info, st_other, st_shndx, st_value, st_size) in enumerate(
-            struct.iter_unpack("<IBBHQQ", body)):
-        if st_name >= len(strings) and st_name:
-            raise ElfParseError(f"{label}: symbol {i} name out of range")
-        end = strings.find(b"\0", st_name)
-        name = strings[st_name:end if end >= 0 else len(strings)].decode("utf-8", "replace")
-        stype, bind = st_info & 0xF, st_info >> 4
+    for rsym in raw_syms:
+        i, name, stype, bind = rsym.index, rsym.name, rsym.type, rsym.bind
+        st_shndx, st_value, st_size = rsym.shndx, rsym.value, rsym.size
         sec = None
         if st_shndx == SHN_XINDEX:
             raise ElfParseError(f"{label}: extended section indexes are not supported")
@@ -342,9 +302,9 @@ def _read_symbols(label: str, data: bytes, symtab_raw: object, by_index: dict[in
                 raise ElfParseError(f"{label}: symbol {name!r} in bad section {st_shndx}")
         if stype == STT_FILE:
             current_file = name
-        sym = Symbol(name=name, type=stype, bind=bind, other=st_other, sec=sec, value=st_value,
-                     size=st_size, shndx=st_shndx, file=current_file if bind == STB_LOCAL else "",
-                     index=i)
+        sym = Symbol(name=name, type=stype, bind=bind, other=rsym.other, sec=sec,
+                     value=st_value, size=st_size, shndx=st_shndx,
+                     file=current_file if bind == STB_LOCAL else "", index=i)
         if sec is not None and stype != STT_SECTION and st_value + st_size > sec.size:
             raise ElfParseError(f"{label}: symbol {name!r} extends past the end of {sec.name}")
         if sec is not None and i:
@@ -355,12 +315,11 @@ def _read_symbols(label: str, data: bytes, symtab_raw: object, by_index: dict[in
     return out
 
 
-def _read_relocs(label: str, rsec: Section, syms: list[Symbol]) -> list[Reloc]:
+def _read_relocs(label: str, raw: RawElf, rela: RawSection, syms: list[Symbol]) -> list[Reloc]:
     out = []
-    for r_offset, r_info, r_addend in struct.iter_unpack("<QQq", rsec.data):
-        symi, rtype = r_info >> 32, r_info & 0xFFFFFFFF
+    for r_offset, symi, rtype, r_addend in raw.relocations(rela):
         if symi >= len(syms):
-            raise ElfParseError(f"{label}: {rsec.name}: relocation symbol {symi} out of range")
+            raise ElfParseError(f"{label}: {rela.name}: relocation symbol {symi} out of range")
         out.append(Reloc(offset=r_offset, type=rtype, sym=syms[symi], addend=r_addend))
     out.sort(key=lambda r: r.offset)
     return out
@@ -390,7 +349,8 @@ _GENERATED_TYPES = frozenset({SHT_SYMTAB, SHT_STRTAB, SHT_RELA, SHT_REL})
 
 
 def elf_bytes(elf: Elf) -> bytes:
-    """Serialise the model as an ET_REL ELF64 x86-64 object.
+    """Serialise the model as an ET_REL ELF64 x86-64 object: :func:`layout` decides every
+    section's contents and header, :func:`serialise` places them in the file.
 
     Layout: header, section contents in model order, ``.rela`` sections, ``.symtab``, ``.strtab``,
     ``.shstrtab``, section header table.  Every section gets an offset of at least 64 (Xen rejects
@@ -398,84 +358,115 @@ def elf_bytes(elf: Elf) -> bytes:
     other locals in model order (each FILE symbol ahead of the locals of its file, as ``ld -r``
     lays them out: readers, Xen's symbol tool included, attribute a local to the FILE symbol
     before it), then globals; ``sh_info`` of ``.symtab`` is the first global's index, as the gABI
-    requires.
+    requires.  A model that breaks its own invariants (a symbol in a section that is not in the
+    object) is a bug: ``ValueError``.
     """
-    # Tables are regenerated from the model; a read object's own tables are not content.
-    sections = [s for s in elf.sections if s.type not in _GENERATED_TYPES]
+    return serialise(elf, layout(elf))
+
+
+@dataclass(frozen=True, slots=True)
+class PlannedSection:
+    """One output section as laid out: everything its header says but its file offset."""
+
+    name: str
+    type: int
+    flags: int
+    body: bytes  # b"" for SHT_NOBITS
+    size: int
+    link: int
+    info: int
+    addralign: int
+    entsize: int
+    file_align: int  # alignment of its offset in the file
+
+
+def symbol_order(elf: Elf) -> tuple[list[Symbol], int]:
+    """The symbol table's order (without the null symbol) and the index of the first global."""
     locals_ = [s for s in elf.symbols if s.bind == STB_LOCAL]
     secsyms = [s for s in locals_ if s.is_section]
     others = [s for s in locals_ if not s.is_section]
     globals_ = [s for s in elf.symbols if s.bind != STB_LOCAL]
-    ordered = secsyms + others + globals_
-    sym_index = {id(s): i + 1 for i, s in enumerate(ordered)}
-    sec_index = {id(s): i + 1 for i, s in enumerate(sections)}
-    rela_secs = [s for s in sections if s.relocs]
-    n_content = len(sections)
-    rela_index = {id(s): n_content + 1 + i for i, s in enumerate(rela_secs)}
-    symtab_idx = n_content + len(rela_secs) + 1
-    strtab_idx, shstrtab_idx = symtab_idx + 1, symtab_idx + 2
-    shnum = shstrtab_idx + 1
+    return secsyms + others + globals_, 1 + len(secsyms) + len(others)
 
-    strtab, shstrtab = _StrTab(), _StrTab()
+
+def layout(elf: Elf) -> list[PlannedSection]:
+    """Every section of the output in file order, tables generated from the model."""
+    # Tables are regenerated from the model; a read object's own tables are not content.
+    sections = [s for s in elf.sections if s.type not in _GENERATED_TYPES]
+    ordered, first_global = symbol_order(elf)
+    sec_index = {s: i + 1 for i, s in enumerate(sections)}
+    sym_index = {s: i + 1 for i, s in enumerate(ordered)}
+    rela_secs = [s for s in sections if s.relocs]
+    symtab_idx = len(sections) + len(rela_secs) + 1
+    strtab = _StrTab()
+    symtab = _symtab_bytes(ordered, sec_index, strtab)
+    planned = [_content(sec) for sec in sections]
+    planned += [_rela(sec, sym_index, sec_index[sec], symtab_idx) for sec in rela_secs]
+    planned.append(PlannedSection(".symtab", SHT_SYMTAB, 0, symtab, len(symtab), symtab_idx + 1,
+                                  first_global, 8, xen_abi.ELF64_SYM_SIZE, 8))
+    planned.append(PlannedSection(".strtab", SHT_STRTAB, 0, bytes(strtab.buf), len(strtab.buf),
+                                  0, 0, 1, 0, 1))
+    return planned
+
+
+def _content(sec: Section) -> PlannedSection:
+    body = b"" if sec.is_nobits else bytes(sec.data)
+    if not sec.is_nobits and len(body) != sec.size:
+        raise ValueError(f"section {sec.name}: data length {len(body)} != size {sec.size}")
+    return PlannedSection(sec.name, sec.type, sec.flags, body, sec.size, sec.link, sec.info,
+                          sec.addralign, sec.entsize, sec.addralign)
+
+
+def _symtab_bytes(ordered: list[Symbol], sec_index: dict[Section, int],
+                  strtab: _StrTab) -> bytes:
     symtab = bytearray(xen_abi.ELF64_SYM_SIZE)
     for s in ordered:
         if s.sec is not None:
-            if id(s.sec) not in sec_index:
+            if s.sec not in sec_index:
                 raise ValueError(f"symbol {s.name} refers to a section not in the object")
-            shndx = sec_index[id(s.sec)]
+            shndx = sec_index[s.sec]
         else:
             shndx = s.shndx
         symtab += struct.pack("<IBBHQQ", strtab.add(s.name), (s.bind << 4) | s.type, s.other,
                               shndx, s.value, s.size)
-    first_global = 1 + len(secsyms) + len(others)
+    return bytes(symtab)
 
+
+def _rela(sec: Section, sym_index: dict[Symbol, int], target: int,
+          symtab_idx: int) -> PlannedSection:
+    body = bytearray()
+    for r in sorted(sec.relocs, key=lambda r: r.offset):
+        if r.sym not in sym_index:
+            raise ValueError(f"relocation in {sec.name} refers to a symbol not in the object: "
+                             f"{r.sym!r}")
+        body += struct.pack("<QQq", r.offset, (sym_index[r.sym] << 32) | r.type, r.addend)
+    return PlannedSection(".rela" + sec.name, SHT_RELA, SHF_INFO_LINK, bytes(body), len(body),
+                          symtab_idx, target, 8, xen_abi.ELF64_RELA_SIZE, 8)
+
+
+def serialise(elf: Elf, planned: list[PlannedSection]) -> bytes:
+    """The file: ELF header, each planned section at its aligned offset, ``.shstrtab``, the
+    section header table."""
+    shstrtab = _StrTab()
+    names = [shstrtab.add(p.name) for p in planned]
+    names.append(shstrtab.add(".shstrtab"))
+    planned = [*planned, PlannedSection(".shstrtab", SHT_STRTAB, 0, bytes(shstrtab.buf),
+                                        len(shstrtab.buf), 0, 0, 1, 0, 1)]
     out = bytearray(xen_abi.ELF64_EHDR_SIZE)
-    headers: list[tuple[int, int, int, int, int, int, int, int, int, int]] = []
-
-    def place(body: bytes, align: int) -> int:
-        nonlocal out
-        pad = _align(len(out), max(align, 1)) - len(out)
-        out += b"\0" * pad
-        off = len(out)
-        out += body
-        return off
-
-    for sec in sections:
-        body = b"" if sec.is_nobits else bytes(sec.data)
-        if not sec.is_nobits and len(body) != sec.size:
-            raise ValueError(f"section {sec.name}: data length {len(body)} != size {sec.size}")
-        off = place(body, sec.addralign)
-        headers.append((shstrtab.add(sec.name), sec.type, sec.flags, 0, off, sec.size,
-                        sec.link, sec.info, sec.addralign, sec.entsize))
-    for sec in rela_secs:
-        body = bytearray()
-        for r in sorted(sec.relocs, key=lambda r: r.offset):
-            if id(r.sym) not in sym_index:
-                raise ValueError(f"relocation in {sec.name} refers to a symbol not in the object: "
-                                 f"{r.sym!r}")
-            body += struct.pack("<QQq", r.offset, (sym_index[id(r.sym)] << 32) | r.type, r.addend)
-        off = place(bytes(body), 8)
-        headers.append((shstrtab.add(".rela" + sec.name), SHT_RELA, SHF_INFO_LINK, 0, off,
-                        len(body), symtab_idx, sec_index[id(sec)], 8, xen_abi.ELF64_RELA_SIZE))
-    off = place(bytes(symtab), 8)
-    headers.append((shstrtab.add(".symtab"), SHT_SYMTAB, 0, 0, off, len(symtab), strtab_idx,
-                    first_global, 8, xen_abi.ELF64_SYM_SIZE))
-    off = place(bytes(strtab.buf), 1)
-    headers.append((shstrtab.add(".strtab"), SHT_STRTAB, 0, 0, off, len(strtab.buf), 0, 0, 1, 0))
-    name_off = shstrtab.add(".shstrtab")
-    off = place(bytes(shstrtab.buf), 1)
-    headers.append((name_off, SHT_STRTAB, 0, 0, off, len(shstrtab.buf), 0, 0, 1, 0))
-    assert len(headers) == shnum - 1 and all(rela_index)
-
+    headers = bytearray(xen_abi.ELF64_SHDR_SIZE)  # the null section
+    for p, name in zip(planned, names, strict=True):
+        out += b"\0" * (_align(len(out), max(p.file_align, 1)) - len(out))
+        headers += struct.pack("<IIQQQQIIQQ", name, p.type, p.flags, 0, len(out), p.size,
+                               p.link, p.info, p.addralign, p.entsize)
+        out += p.body
     shoff = _align(len(out), 8)
     out += b"\0" * (shoff - len(out))
-    out += b"\0" * xen_abi.ELF64_SHDR_SIZE
-    for h in headers:
-        out += struct.pack("<IIQQQQIIQQ", *h)
+    out += headers
+    shnum = len(planned) + 1
     ident = b"\x7fELF" + bytes([2, 1, 1, elf.osabi, 0]) + b"\0" * 7
     struct.pack_into("<16sHHIQQQIHHHHHH", out, 0, ident, ET_REL, xen_abi.ELF_MACHINE_X86_64, 1,
                      0, 0, shoff, elf.flags, xen_abi.ELF64_EHDR_SIZE, 0, 0,
-                     xen_abi.ELF64_SHDR_SIZE, shnum, shstrtab_idx)
+                     xen_abi.ELF64_SHDR_SIZE, shnum, shnum - 1)
     return bytes(out)
 
 

@@ -17,7 +17,11 @@ EXIT_INTERNAL = 70  # a bug in xsbuild (EX_SOFTWARE); the message says so
 
 
 class XsbuildError(Exception):
-    """Base class: a failure that the CLI reports as one line with :attr:`return_code`."""
+    """Base class: a failure that the CLI reports as one line with :attr:`return_code`.
+
+    Every class pickles with its fields (``problems``, ``errno_value``), so a worker process can
+    hand the exception itself back to its parent.
+    """
 
     return_code = EXIT_INTERNAL
 
@@ -51,6 +55,9 @@ class UnsupportedChangeError(XsbuildError):
         else:
             text = f"{len(self.problems)} unsupported changes:\n  " + "\n  ".join(self.problems)
         super().__init__(text)
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.problems,))
 
 
 class ReplayError(XsbuildError):
@@ -95,6 +102,9 @@ class HypercallError(XsbuildError):
     def __init__(self, message: str, errno_value: int = 0) -> None:
         super().__init__(message)
         self.errno_value = errno_value
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (str(self), self.errno_value))
 
 
 class HypervisorBusy(HypercallError):

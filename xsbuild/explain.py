@@ -1,8 +1,8 @@
 """Why the differ decided what it did: the model behind ``xsbuild explain``.
 
 :func:`explain_files` runs :func:`xsbuild.diff.diff_objects` on an original and a patched object
-and turns its decisions into an :class:`ExplainReport` a reviewer can check against the source
-patch:
+and turns the decisions it leaves on its :class:`~xsbuild.diff.model.DiffContext` (nothing is
+decided twice) into an :class:`ExplainReport` a reviewer can check against the source patch:
 
 * every function of both objects, ``same``, ``changed``, ``new`` or ``removed``, with the reason:
   for changed code the *first differing instruction* on both sides (the differ only knows the
@@ -26,7 +26,8 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from xsbuild.diff import CHANGED, NEW, SAME, DiffResult, Unit, diff_objects, list_units
+from xsbuild.diff import DiffContext, Status, Unit, diff_objects
+from xsbuild.diff.model import ChangeKind
 from xsbuild.disasm import (
     Instruction,
     disassemble_relocatable,
@@ -35,12 +36,12 @@ from xsbuild.disasm import (
     reloc_pc_adjust,
     string_of,
 )
-from xsbuild.elf import Reloc, read_elf
+from xsbuild.elf import Reloc, Symbol, read_elf
 from xsbuild.errors import EXIT_NO_CHANGE, EXIT_OK, EXIT_REFUSED
 from xsbuild.relocs import target_of
 
 SCHEMA = "xsbuild.explain/1"
-REMOVED = "removed"
+CHANGED, NEW, REMOVED, SAME = Status.CHANGED, Status.NEW, Status.REMOVED, Status.SAME
 _STATUS_ORDER = {CHANGED: 0, NEW: 1, REMOVED: 2, SAME: 3}
 
 
@@ -182,13 +183,13 @@ def explain_files(orig: str | os.PathLike[str], patched: str | os.PathLike[str],
     return explain(result, str(orig))
 
 
-def explain(result: DiffResult, orig_label: str) -> ExplainReport:
-    removed = _removed(result)
-    included = {id(u.sym) for u in result.included}
-    functions = [_function(u, id(u.sym) in included, result) for u in result.units if u.is_func]
+def explain(result: DiffContext, orig_label: str) -> ExplainReport:
+    removed = result.removed
+    included = set(result.included)
+    functions = [_function(u, u in included) for u in result.units if u.is_func]
     functions += [_removed_function(u) for u in removed if u.is_func]
     functions.sort(key=lambda f: _STATUS_ORDER[f.status])
-    data = [_data(u, id(u.sym) in included) for u in result.units
+    data = [_data(u, u in included) for u in result.units
             if not u.is_func and u.status != SAME]
     data += [DataExplanation(u.name, u.xen_name, REMOVED, u.sec.name, u.sym.size, None,
                              "not in the patched object: the hypervisor keeps it", False)
@@ -196,22 +197,16 @@ def explain(result: DiffResult, orig_label: str) -> ExplainReport:
     files = result.patched.file_symbols()
     return ExplainReport(
         orig=orig_label, patched=result.object, unit=files[0] if files else "",
-        status=result.status, functions=functions, data=data,
+        status=str(result.status), functions=functions, data=data,
         included=inclusions(result), hooks=[s.name for s in result.hook_sections],
         refused=list(result.refused), notes=list(result.notes))
-
-
-def _removed(result: DiffResult) -> list[Unit]:
-    """Units of the original without a twin in the patched object."""
-    twinned = {id(u.twin.sym) for u in result.units if u.twin is not None}
-    return [u for u in list_units(result.orig) if id(u.sym) not in twinned]
 
 
 def code_of(u: Unit) -> list[Instruction]:
     return disassemble_relocatable(u.sec, u.sym.value, u.sym.size, plain_name)
 
 
-def _function(u: Unit, included: bool, result: DiffResult) -> FunctionExplanation:
+def _function(u: Unit, included: bool) -> FunctionExplanation:
     old = u.twin
     fn = FunctionExplanation(u.name, u.xen_name, u.status, u.sec.name,
                              old.sym.size if old else None, u.sym.size, u.reason, included)
@@ -221,8 +216,8 @@ def _function(u: Unit, included: bool, result: DiffResult) -> FunctionExplanatio
             fn.reason = "new, but nothing the payload carries uses it: left out"
     elif u.status == CHANGED and old is not None:
         fn.old_code, fn.new_code = code_of(old), code_of(u)
-        fn.difference = d = first_difference(old, u, fn.old_code, fn.new_code)
-        if d.kind == "relocation" and d.old_target and d.new_target:
+        fn.difference = d = show_difference(old, u, fn.old_code, fn.new_code)
+        if d.kind == ChangeKind.RELOCATION and d.old_target and d.new_target:
             # The disassembler's labels name strings by their text; say it that way.
             fn.reason = (f"relocation at +{d.offset or 0:#x} now points to "
                          f"{_target_words(d.new_target, d.new_string)} "
@@ -241,7 +236,7 @@ def _removed_function(u: Unit) -> FunctionExplanation:
 def _data(u: Unit, included: bool) -> DataExplanation:
     old = u.twin
     change = u.change
-    if old is None or change is None or change.kind != "code" or change.offset is None:
+    if old is None or change is None or change.kind != ChangeKind.CODE or change.offset is None:
         return DataExplanation(u.name, u.xen_name, u.status, u.sec.name,
                                old.sym.size if old else None, u.sym.size, u.reason, included)
     # The value a reviewer wants to see: the bytes where the contents start to differ.
@@ -255,14 +250,14 @@ def _data(u: Unit, included: bool) -> DataExplanation:
 # First differences
 
 
-def first_difference(old: Unit, new: Unit, old_code: list[Instruction],
+def show_difference(old: Unit, new: Unit, old_code: list[Instruction],
                      new_code: list[Instruction]) -> Difference:
     """The differ's :class:`xsbuild.diff.Change`, with the instructions it is about."""
     change = new.change
-    if change is not None and change.kind == "code" and change.offset is not None:
+    if change is not None and change.kind == ChangeKind.CODE and change.offset is not None:
         off = change.offset
         return Difference("code", off, _covering(old_code, off), _covering(new_code, off))
-    if change is not None and change.kind == "relocation" and change.offset is not None:
+    if change is not None and change.kind == ChangeKind.RELOCATION and change.offset is not None:
         off = change.offset
         old_r, new_r = _reloc_at(old, off), _reloc_at(new, off)
         old_i, new_i = _covering(old_code, off), _covering(new_code, off)
@@ -293,28 +288,28 @@ def _reloc_at(u: Unit, offset: int) -> Reloc | None:
 # What the payload carries
 
 
-def inclusions(result: DiffResult) -> list[Inclusion]:
-    hooks: dict[int, str] = {}
+def inclusions(result: DiffContext) -> list[Inclusion]:
+    hooks: dict[Symbol, str] = {}
     for sec in result.hook_sections:
         for r in sec.relocs:
             t = target_of(r)
             if t.kind == "sym" and t.sym is not None:
-                hooks.setdefault(id(t.sym), sec.name)
-    chosen = {id(u.sym) for u in result.included}
+                hooks.setdefault(t.sym, sec.name)
+    chosen = set(result.included)
     return [_inclusion(u, hooks, chosen) for u in result.included]
 
 
-def _inclusion(u: Unit, hooks: dict[int, str], chosen: set[int]) -> Inclusion:
+def _inclusion(u: Unit, hooks: dict[Symbol, str], chosen: set[Unit]) -> Inclusion:
     kind = "function" if u.is_func else "data"
 
     def make(why: str, by: str = "", at: int | None = None, via: str = "") -> Inclusion:
         return Inclusion(u.name, u.xen_name, kind, u.status, why, by, at, via)
 
-    if id(u.sym) in hooks:
-        return make("hook", hooks[id(u.sym)])
+    if u.sym in hooks:
+        return make("hook", hooks[u.sym])
     if u.status == CHANGED and u.is_func and u.parent is None:
         return make("changed")
-    if u.parent is not None and id(u.parent.sym) in chosen:
+    if u.parent is not None and u.parent in chosen:
         return make("cold part", u.parent.name)
     if u.pulled_by is not None:
         by = u.pulled_by

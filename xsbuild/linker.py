@@ -12,8 +12,8 @@ Steps of :func:`link`:
    check the old function is big enough for the 5-byte jump (9 after ENDBR64);
 4. rename payload-local symbols whose names Xen already has (a copied ``__func__.0``, a cold part),
    since Xen refuses a payload whose new symbols clash with its own (-EEXIST);
-5. hand the model to :mod:`xsbuild.format` for notes, build-id and bytes, and check the bytes as
-   the hypervisor will before anything is written.
+5. hand the model to :mod:`xsbuild.payload_format` for notes, build-id and bytes, and check the
+   bytes as the hypervisor will before anything is written.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from xsbuild.xensyms import XenSymbols
 # Sections concatenated across objects (Xen finds a section by its first name only).
 _MERGED_PREFIXES = (".rodata.str", ".rodata.cst")
 _MERGED_NAMES = frozenset({
-    xen_abi.SEC_FUNCS, ".livepatch.strings", xen_abi.SEC_ALTINSTRUCTIONS,
+    xen_abi.SEC_FUNCS, xen_abi.SEC_STRINGS, xen_abi.SEC_ALTINSTRUCTIONS,
     xen_abi.SEC_ALTINSTR_REPLACEMENT, xen_abi.SEC_EX_TABLE, xen_abi.SEC_FIXUP,
     *xen_abi.BUG_FRAME_SECTIONS, *xen_abi.HOOK_SECTIONS,
 })
@@ -83,7 +83,7 @@ def link_files(objects: Sequence[str | os.PathLike[str]], out: str | os.PathLike
                depends: bytes | None = None, xen_depends: bytes | None = None,
                prelink: bool = False) -> LinkResult:
     """Link diff objects into the payload file ``out`` (written only if Xen would accept it)."""
-    from xsbuild import check, format
+    from xsbuild import check, payload_format
 
     if not objects:
         raise UsageError("no objects to link")
@@ -93,7 +93,7 @@ def link_files(objects: Sequence[str | os.PathLike[str]], out: str | os.PathLike
     model, funcs = link(elfs, xs, prelink=prelink)
     xen_dep = xen_depends if xen_depends is not None else xs.build_id
     dep = depends if depends is not None else xs.build_id
-    data, build_id = format.payload_bytes(model, depends=dep, xen_depends=xen_dep,
+    data, build_id = payload_format.payload_bytes(model, depends=dep, xen_depends=xen_dep,
                                           name=payload_name)
     report = check.check_payload(data, xs)
     if not report.ok:
@@ -203,20 +203,33 @@ def _carry_symbols(elf: Elf, out: Elf, placed: dict[int, tuple[Section, int]]) -
 
 
 def bind_undefined(model: Elf, xs: XenSymbols, prelink: bool) -> None:
+    """Bind every undefined symbol: to the global another object defines, else to the
+    hypervisor's table (made absolute when prelinking); then keep one undefined symbol per
+    name."""
+    defined = global_definitions(model)
+    undefined = [s for s in model.symbols if s.is_undefined and s.name]
+    to_definition = {s: defined[s.name] for s in undefined if s.name in defined}
+    resolve_in_xen([s for s in undefined if s not in to_definition], xs, prelink)
+    _redirect(model, to_definition)
+    _redirect(model, _duplicate_undefined(model))
+
+
+def global_definitions(model: Elf) -> dict[str, Symbol]:
+    """Name -> the global symbol an object defines; two definitions of one name are refused."""
     defined: dict[str, Symbol] = {}
     for s in model.symbols:
         if s.sec is not None and not s.is_section and s.name and s.bind != STB_LOCAL:
             if s.name in defined:
                 raise RelocationError(f"two objects define the global symbol {s.name}")
             defined[s.name] = s
-    replace: dict[int, Symbol] = {}
+    return defined
+
+
+def resolve_in_xen(undefined: list[Symbol], xs: XenSymbols, prelink: bool) -> None:
+    """Every name must be in the hypervisor's table (all missing names in one error); with
+    ``prelink`` each symbol becomes absolute at the hypervisor's address."""
     missing = []
-    for s in model.symbols:
-        if not s.is_undefined or not s.name:
-            continue
-        if s.name in defined:
-            replace[id(s)] = defined[s.name]
-            continue
+    for s in undefined:
         xsym = xs.lookup(s.name)
         if xsym is None:
             missing.append(s.name)
@@ -228,25 +241,29 @@ def bind_undefined(model: Elf, xs: XenSymbols, prelink: bool) -> None:
         raise RelocationError(
             f"undefined symbol(s) not in {xs.path}: {', '.join(sorted(set(missing)))} "
             f"(was the payload built from the same source and compiler as this hypervisor?{hint})")
-    if replace:
-        for sec in model.sections:
-            for r in sec.relocs:
-                if id(r.sym) in replace:
-                    r.sym = replace[id(r.sym)]
-        model.symbols = [s for s in model.symbols if id(s) not in replace]
-    seen: dict[str, Symbol] = {}  # one undefined symbol per name
-    dup: dict[int, Symbol] = {}
+
+
+def _duplicate_undefined(model: Elf) -> dict[Symbol, Symbol]:
+    """Each undefined symbol whose name an earlier one has -> that earlier one."""
+    seen: dict[str, Symbol] = {}
+    dup: dict[Symbol, Symbol] = {}
     for s in model.symbols:
         if s.is_undefined and s.name:
             if s.name in seen:
-                dup[id(s)] = seen[s.name]
+                dup[s] = seen[s.name]
             else:
                 seen[s.name] = s
-    if dup:
-        for sec in model.sections:
-            for r in sec.relocs:
-                r.sym = dup.get(id(r.sym), r.sym)
-        model.symbols = [s for s in model.symbols if id(s) not in dup]
+    return dup
+
+
+def _redirect(model: Elf, mapping: dict[Symbol, Symbol]) -> None:
+    """Point every relocation at ``mapping[its symbol]`` and drop the mapped symbols."""
+    if not mapping:
+        return
+    for sec in model.sections:
+        for r in sec.relocs:
+            r.sym = mapping.get(r.sym, r.sym)
+    model.symbols = [s for s in model.symbols if s not in mapping]
 
 
 # --------------------------------------------------------------------------------------------

@@ -16,16 +16,23 @@ upper bits of their 32-bit displacement fields; their targets are the low ``BUG_
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
+from enum import StrEnum
 from functools import lru_cache
 
 from xsbuild import xen_abi
 from xsbuild.elf import STT_FUNC, STT_NOTYPE, STT_OBJECT, STT_SECTION, Reloc, Section, Symbol
 
-# Field width written by each relocation type the payload may carry (spec §1.8).
-RELOC_WIDTH = {xen_abi.R_X86_64_64: 8, xen_abi.R_X86_64_PC32: 4, xen_abi.R_X86_64_PLT32: 4,
-               xen_abi.R_X86_64_NONE: 0, 10: 4, 11: 4, 24: 8, 9: 4, 41: 4, 42: 4, 3: 4}
-PC_RELATIVE = frozenset({xen_abi.R_X86_64_PC32, xen_abi.R_X86_64_PLT32, 24, 9, 41, 42})
+# Kept under their old names for the readers of payloads; the table is xen_abi.RELOC_KINDS.
+PC_RELATIVE = xen_abi.PC_RELATIVE_RELOC_TYPES
+
+
+class TargetKind(StrEnum):
+    SYM = "sym"
+    STRING = "string"
+    CONST = "const"
+    ANON = "anon"
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,7 +49,7 @@ class Target:
                  ``delta`` is relative to the section start
     """
 
-    kind: str
+    kind: TargetKind
     delta: int
     sym: Symbol | None = None
     content: bytes = b""
@@ -51,7 +58,7 @@ class Target:
 
 
 def field_width(rtype: int) -> int:
-    return RELOC_WIDTH.get(rtype, 4)
+    return xen_abi.reloc_width(rtype)
 
 
 def target_of(reloc: Reloc, pc_adjust: int = 0, real_offset: int | None = None) -> Target:
@@ -62,10 +69,9 @@ def target_of(reloc: Reloc, pc_adjust: int = 0, real_offset: int | None = None) 
     """
     sym = reloc.sym
     sec = sym.sec
-    named = sym.type in (STT_FUNC, STT_OBJECT) or (
-        sym.type == STT_NOTYPE and sym.name and not sym.name.startswith(".L"))
-    if sec is None or (named and not sec.is_string and not sec.is_merge_const):
-        return Target("sym", reloc.addend, sym=sym)
+    if by_symbol(reloc):
+        return Target(TargetKind.SYM, reloc.addend, sym=sym)
+    assert sec is not None
     base = sym.value  # 0 for a section symbol; the label's offset for .LC<n> labels
     where = base + (reloc.addend + pc_adjust if real_offset is None else real_offset)
     field_value = base + reloc.addend  # what the addend designates, before the pc adjustment
@@ -73,15 +79,27 @@ def target_of(reloc: Reloc, pc_adjust: int = 0, real_offset: int | None = None) 
         start = string_start(sec, where)
         end = sec.data.find(b"\0", max(where, start))
         content = sec.data[start:end + 1 if end >= 0 else len(sec.data)]
-        return Target("string", field_value - start, content=content, section=sec, start=start)
+        return Target(TargetKind.STRING, field_value - start, content=content, section=sec,
+                      start=start)
     if sec.is_merge_const and sec.entsize:
         start = max(0, where) // sec.entsize * sec.entsize
-        return Target("const", field_value - start,
+        return Target(TargetKind.CONST, field_value - start,
                       content=sec.data[start:start + sec.entsize], section=sec, start=start)
     owner = symbol_at(sec, where)
     if owner is not None:
-        return Target("sym", field_value - owner.value, sym=owner)
-    return Target("anon", field_value, section=sec)
+        return Target(TargetKind.SYM, field_value - owner.value, sym=owner)
+    return Target(TargetKind.ANON, field_value, section=sec)
+
+
+def by_symbol(reloc: Reloc) -> bool:
+    """Does ``reloc`` designate its own named (or undefined) symbol, whatever its addend?  Then
+    neither ``pc_adjust`` nor ``real_offset`` changes its target, and nobody need decode the
+    instruction around it."""
+    sym = reloc.sym
+    sec = sym.sec
+    named = sym.type in (STT_FUNC, STT_OBJECT) or (
+        sym.type == STT_NOTYPE and bool(sym.name) and not sym.name.startswith(".L"))
+    return sec is None or (named and not sec.is_string and not sec.is_merge_const)
 
 
 def string_start(sec: Section, offset: int) -> int:
@@ -112,43 +130,53 @@ def symbol_at(sec: Section, offset: int) -> Symbol | None:
 class InstructionEnds:
     """Maps a relocation's offset inside a text section to ``insn_end - r_offset``.
 
-    Decodes lazily, once per (section, start) range, with capstone's lite API.
+    Decodes lazily, once per (section, start) range, with capstone's lite API; keeps each
+    range's instruction starts and ends, sorted, and bisects.
     """
 
     def __init__(self) -> None:
-        self._cache: dict[tuple[int, int], dict[int, int]] = {}
+        self._cache: dict[tuple[Section, int], tuple[list[int], list[int]]] = {}
 
     def pc_adjust(self, sec: Section, start: int, end: int, r_offset: int, width: int) -> int:
-        key = (id(sec), start)
+        key = (sec, start)
         table = self._cache.get(key)
         if table is None:
-            table = _decode_ends(bytes(sec.data[start:end]), start)
+            table = _decode_bounds(bytes(sec.data[start:end]), start)
             self._cache[key] = table
-        return table.get(r_offset, width) if table else width
+        starts, ends = table
+        i = bisect.bisect_right(starts, r_offset) - 1
+        if i >= 0 and r_offset < ends[i]:
+            return ends[i] - r_offset
+        return width  # not inside a decoded instruction: the field's own width
 
 
-def _decode_ends(code: bytes, start: int) -> dict[int, int]:
-    """For every byte offset inside a decoded instruction: distance to that instruction's end."""
-    md = _disassembler()
-    ends: dict[int, int] = {}
+def _decode_bounds(code: bytes, start: int) -> tuple[list[int], list[int]]:
+    """Start and end offsets of every instruction decoded in ``code`` (which sits at ``start``)."""
+    md = disassembler()
+    starts: list[int] = []
+    ends: list[int] = []
     pos = 0
     while pos < len(code):
         decoded = False
         for addr, size, _mn, _ops in md.disasm_lite(code[pos:], start + pos):
-            for off in range(addr, addr + size):
-                ends[off] = addr + size - off
+            starts.append(addr)
+            ends.append(addr + size)
             pos = addr + size - start
             decoded = True
         if not decoded:
             pos += 1  # undecodable byte (data in text): skip it, fields there use the default
-    return ends
+    return starts, ends
 
 
-@lru_cache(maxsize=1)
-def _disassembler():  # type: ignore[no-untyped-def]
-    import capstone
+@lru_cache(maxsize=2)
+def disassembler(detail: bool = False):  # type: ignore[no-untyped-def]
+    """The one capstone decoder (x86-64) of xsbuild, shared with :mod:`xsbuild.disasm`; with
+    ``detail`` each instruction says where its displacement and immediate fields are."""
+    import capstone  # imported here: commands that decode nothing must not pay for it
 
-    return capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
+    md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
+    md.detail = detail
+    return md
 
 
 def bug_frame_real_offset(addend: int, field_offset: int) -> int:

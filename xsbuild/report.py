@@ -21,7 +21,7 @@ from xsbuild import __version__
 from xsbuild.disasm import Instruction, Row, align
 from xsbuild.errors import UsageError
 from xsbuild.explain import DataExplanation, ExplainReport, FunctionExplanation
-from xsbuild.inspect import InspectReport, PayloadFunction
+from xsbuild.inspection import InspectReport, PayloadFunction
 
 FORMATS = ("text", "json", "html")
 

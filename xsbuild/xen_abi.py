@@ -8,7 +8,40 @@ section name, struct offset, op number or errno value.
 from __future__ import annotations
 
 import struct
+from collections import namedtuple
 from dataclasses import dataclass
+from typing import Any
+
+
+class Layout:
+    """A packed little-endian C structure declared once, as pyelftools declares its structs:
+    field names and ``struct`` codes in order; offsets, size and the codec are derived."""
+
+    def __init__(self, name: str, *fields: tuple[str, str]) -> None:
+        self.name = name
+        self.fields = fields
+        self.struct = struct.Struct("<" + "".join(code for _f, code in fields))
+        self.size = self.struct.size
+        self._offsets: dict[str, int] = {}
+        at = 0
+        for field_name, code in fields:
+            self._offsets[field_name] = at
+            at += struct.calcsize("<" + code)
+        self.record = namedtuple(name, [f for f, _c in fields])  # type: ignore[misc]
+
+    def offset(self, field_name: str) -> int:
+        return self._offsets[field_name]
+
+    def unpack(self, data: bytes | bytearray | memoryview, at: int = 0) -> Any:
+        """The entry at ``at`` as a named tuple (``entry.repl_len``)."""
+        return self.record._make(self.struct.unpack_from(data, at))
+
+    def pack(self, **values: object) -> bytes:
+        return self.struct.pack(*(values[f] for f, _c in self.fields))
+
+    def __repr__(self) -> str:
+        return f"<Layout {self.name} size={self.size}>"
+
 
 # --------------------------------------------------------------------------------------------
 # ELF header requirements (spec §1.1)
@@ -57,18 +90,36 @@ PATCHING_SECTIONS = (SEC_FUNCS, *HOOK_SECTIONS)
 # recognised" by Xen: they never reach a payload).
 SEC_IGNORE_FUNCTIONS = ".livepatch.ignore.functions"
 SEC_IGNORE_SECTIONS = ".livepatch.ignore.sections"
+# xsbuild's own convention, not Xen's: the names .livepatch.funcs entries point at (a plain
+# read-only section, which the loader accepts like any other).
+SEC_STRINGS = ".livepatch.strings"
 
 # --------------------------------------------------------------------------------------------
 # Special sections: arrays of fixed-size entries whose entries belong to functions
 # (spec §1.4; sizes measured on Debian's build, target-notes "Debian's xen-syms has no DWARF").
-ALT_INSTR_SIZE = 14  # packed struct alt_instr
-ALT_INSTR_FORMAT = "<iiHBBBB"  # orig_offset, repl_offset, cpuid, orig_len, repl_len, pad_len, priv
-BUG_FRAME_SIZE = 8  # struct bug_frame
+# struct alt_instr (packed): offsets of the original and replacement code relative to their own
+# fields, the CPU feature, and the three lengths.
+ALT_INSTR = Layout("alt_instr", ("orig_offset", "i"), ("repl_offset", "i"), ("cpuid", "H"),
+                   ("orig_len", "B"), ("repl_len", "B"), ("pad_len", "B"), ("priv", "B"))
+ALT_INSTR_SIZE = ALT_INSTR.size
+assert ALT_INSTR_SIZE == 14
+# struct exception_table_entry: where a fault may happen, where execution continues (both
+# relative to their own fields).
+EX_TABLE_ENTRY = Layout("exception_table_entry", ("addr", "i"), ("cont", "i"))
+EX_TABLE_ENTRY_SIZE = EX_TABLE_ENTRY.size
+# struct bug_frame: two 32-bit fields, each a displacement from the *frame's start* in its low
+# BUG_DISP_WIDTH bits and part of the source line in its upper bits (x86 asm/bug.h); the location
+# of the ud2, then the file name (or run_fn's function).
+BUG_FRAME = Layout("bug_frame", ("loc_disp", "i"), ("ptr_disp", "i"))
+BUG_FRAME_SIZE = BUG_FRAME.size
+# Assert frames carry a second frame whose second field is the message's displacement (also from
+# the start of the first frame).
+ASSERT_FRAME = Layout("assert_bug_frame", ("loc_disp", "i"), ("ptr_disp", "i"),
+                      ("unused", "i"), ("msg_disp", "i"))
 # A bug frame's two 32-bit displacement fields keep the source line in their upper bits; the
 # displacement proper is the low 24 (x86 asm/bug.h BUG_DISP_WIDTH; measured on Debian's objects:
 # ".rela.bug_frames.2" addends such as ".text.fixup_exception_return + 0x7000148").
 BUG_DISP_WIDTH = 24
-EX_TABLE_ENTRY_SIZE = 8  # struct exception_table_entry {s32 addr, cont}
 BUG_FRAME_ASSERT = BUG_FRAME_SECTIONS[3]  # assert frames carry a second frame: the message
 
 
@@ -78,27 +129,31 @@ def special_entry_size(section: str) -> int:
         return ALT_INSTR_SIZE
     if section == SEC_EX_TABLE:
         return EX_TABLE_ENTRY_SIZE
+    if section == BUG_FRAME_ASSERT:
+        return ASSERT_FRAME.size
     if section in BUG_FRAME_SECTIONS:
-        return BUG_FRAME_SIZE * (2 if section == BUG_FRAME_ASSERT else 1)
+        return BUG_FRAME_SIZE
     return 0
 
 # --------------------------------------------------------------------------------------------
 # struct livepatch_func (spec §1.5): 104 bytes, version 2
 LIVEPATCH_PAYLOAD_VERSION = 2
-FUNC_SIZE = 104
 FUNC_ALIGN = 8
-FUNC_OFF_NAME = 0
-FUNC_OFF_NEW_ADDR = 8
-FUNC_OFF_OLD_ADDR = 16
-FUNC_OFF_NEW_SIZE = 24
-FUNC_OFF_OLD_SIZE = 28
-FUNC_OFF_VERSION = 32
-FUNC_OFF_EXPECT = 72
 EXPECT_SIZE = 32
 OPAQUE_SIZE = 31  # LIVEPATCH_OPAQUE_SIZE; also the NOP patch limit
-# name, new_addr, old_addr, new_size, old_size, version, pad[39], expect[32]
-FUNC_STRUCT = struct.Struct("<QQQIIB39s32s")
-assert FUNC_STRUCT.size == FUNC_SIZE
+LIVEPATCH_FUNC = Layout("livepatch_func", ("name", "Q"), ("new_addr", "Q"), ("old_addr", "Q"),
+                        ("new_size", "I"), ("old_size", "I"), ("version", "B"), ("pad", "39s"),
+                        ("expect", f"{EXPECT_SIZE}s"))
+FUNC_STRUCT = LIVEPATCH_FUNC.struct
+FUNC_SIZE = LIVEPATCH_FUNC.size
+assert FUNC_SIZE == 104
+FUNC_OFF_NAME = LIVEPATCH_FUNC.offset("name")
+FUNC_OFF_NEW_ADDR = LIVEPATCH_FUNC.offset("new_addr")
+FUNC_OFF_OLD_ADDR = LIVEPATCH_FUNC.offset("old_addr")
+FUNC_OFF_NEW_SIZE = LIVEPATCH_FUNC.offset("new_size")
+FUNC_OFF_OLD_SIZE = LIVEPATCH_FUNC.offset("old_size")
+FUNC_OFF_VERSION = LIVEPATCH_FUNC.offset("version")
+FUNC_OFF_EXPECT = LIVEPATCH_FUNC.offset("expect")
 
 # x86 patching (spec §3.1)
 PATCH_INSN_SIZE = 5  # E9 rel32
@@ -114,21 +169,55 @@ NOTE_NAME_GNU = b"GNU\0"
 NOTE_HEADER = struct.Struct("<III")  # namesz, descsz, type
 
 # --------------------------------------------------------------------------------------------
-# Relocation types the loader performs (spec §1.8); every other type is -EOPNOTSUPP.
+# Relocation kinds (x86-64 psABI; spec §1.8): one row per type, as cle keeps one class per type.
+# ``width`` is the field the type writes; ``pc_relative`` says the CPU adds the distance from the
+# field to the end of its instruction (the addend then names ``target - (insn_end - r_offset)``);
+# ``accepted``: Xen's loader performs it (every other type is -EOPNOTSUPP).
+
+
+@dataclass(frozen=True, slots=True)
+class RelocKind:
+    type: int
+    name: str
+    width: int
+    pc_relative: bool
+    accepted: bool = False
+
+
+RELOC_KINDS = {k.type: k for k in (
+    RelocKind(0, "R_X86_64_NONE", 0, False, accepted=True),
+    RelocKind(1, "R_X86_64_64", 8, False, accepted=True),
+    RelocKind(2, "R_X86_64_PC32", 4, True, accepted=True),
+    RelocKind(3, "R_X86_64_GOT32", 4, False),
+    RelocKind(4, "R_X86_64_PLT32", 4, True, accepted=True),
+    RelocKind(9, "R_X86_64_GOTPCREL", 4, True),
+    RelocKind(10, "R_X86_64_32", 4, False),
+    RelocKind(11, "R_X86_64_32S", 4, False),
+    RelocKind(24, "R_X86_64_PC64", 8, True),
+    RelocKind(41, "R_X86_64_GOTPCRELX", 4, True),
+    RelocKind(42, "R_X86_64_REX_GOTPCRELX", 4, True),
+)}
 R_X86_64_NONE = 0
 R_X86_64_64 = 1
 R_X86_64_PC32 = 2
 R_X86_64_PLT32 = 4
-ACCEPTED_RELOC_TYPES = frozenset({R_X86_64_NONE, R_X86_64_64, R_X86_64_PC32, R_X86_64_PLT32})
-RELOC_TYPE_NAMES = {
-    0: "R_X86_64_NONE", 1: "R_X86_64_64", 2: "R_X86_64_PC32", 3: "R_X86_64_GOT32",
-    4: "R_X86_64_PLT32", 9: "R_X86_64_GOTPCREL", 10: "R_X86_64_32", 11: "R_X86_64_32S",
-    24: "R_X86_64_PC64", 41: "R_X86_64_GOTPCRELX", 42: "R_X86_64_REX_GOTPCRELX",
-}
+ACCEPTED_RELOC_TYPES = frozenset(k.type for k in RELOC_KINDS.values() if k.accepted)
+PC_RELATIVE_RELOC_TYPES = frozenset(k.type for k in RELOC_KINDS.values() if k.pc_relative)
+RELOC_TYPE_NAMES = {k.type: k.name for k in RELOC_KINDS.values()}
+DEFAULT_RELOC_WIDTH = 4  # an unknown type is assumed to write a 32-bit field
 
 
 def reloc_type_name(rtype: int) -> str:
     return RELOC_TYPE_NAMES.get(rtype, f"R_X86_64_<{rtype}>")
+
+
+def is_pc_relative(rtype: int) -> bool:
+    return rtype in PC_RELATIVE_RELOC_TYPES
+
+
+def reloc_width(rtype: int) -> int:
+    kind = RELOC_KINDS.get(rtype)
+    return kind.width if kind else DEFAULT_RELOC_WIDTH
 
 
 # --------------------------------------------------------------------------------------------

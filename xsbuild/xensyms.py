@@ -8,20 +8,19 @@ CONFIG_ENFORCE_UNIQUE_SYMBOLS the file is the source path relative to ``xen/``, 
 ``common/version.c#build_info``.  Absolute, undefined, file and section symbols are not in the
 table, nor names that start with ``$`` or contain ``_compiled.``.
 
-``xen-syms`` is large (3 MB, ~20,000 symbols); the symbol table is decoded with ``struct`` in one
-pass, the header and section table with pyelftools.
+``xen-syms`` is large (3 MB, ~20,000 symbols); it is decoded by :mod:`xsbuild.elfraw`, the
+symbol table in one ``struct`` pass.
 """
 
 from __future__ import annotations
 
 import bisect
-import io
 import os
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 from xsbuild import xen_abi
+from xsbuild.elfraw import read_raw
 from xsbuild.errors import ElfParseError, UsageError
 
 _STT_SECTION, _STT_FILE = 3, 4
@@ -102,56 +101,40 @@ class XenSymbols:
         from xsbuild.elf import check_elf_header
 
         check_elf_header(label, data)  # not an ELF, truncated, another machine: one line, exit 2
-        try:
-            return _parse(label, data)
-        except (ElfParseError, UsageError):
-            raise
-        except Exception as exc:
-            raise ElfParseError(f"{label}: malformed xen-syms: {type(exc).__name__}: {exc}") \
-                from exc
+        return _parse(label, data)
 
 
 def _parse(label: str, data: bytes) -> XenSymbols:
-    from elftools.elf.elffile import ELFFile
-
-    ef = ELFFile(io.BytesIO(data))
-    symtab = ef.get_section_by_name(".symtab")
+    ef = read_raw(label, data)
+    symtab = ef.section(".symtab")
     if symtab is None:
         raise ElfParseError(f"{label}: no .symtab: need the unstripped xen-syms (Debian: the "
                             "-dbg package's /usr/lib/debug/boot/xen-syms-*)")
-    note = ef.get_section_by_name(xen_abi.SEC_BUILD_ID)
-    build_id = parse_build_id_note(note.data()) if note is not None else b""
+    note = ef.section(xen_abi.SEC_BUILD_ID)
+    build_id = parse_build_id_note(ef.body(note)) if note is not None else b""
     if not build_id:
         raise ElfParseError(f"{label}: no GNU build-id note; livepatch needs a hypervisor built "
                             "with a build-id")
-    strtab = ef.get_section(symtab["sh_link"])
-    strings = strtab.data()
-    alloc = {i for i in range(ef.num_sections())
-             if ef.get_section(i)["sh_flags"] & 0x2}
-    text = [(s["sh_addr"], s.data()) for s in ef.iter_sections()
-            if s["sh_flags"] & 0x4 and s["sh_type"] == "SHT_PROGBITS"]
+    alloc = {sec.index for sec in ef.sections if sec.flags & 0x2}
+    text = [(sec.addr, ef.body(sec)) for sec in ef.sections
+            if sec.flags & 0x4 and sec.type == 1]  # SHF_EXECINSTR, SHT_PROGBITS
     symbols: dict[str, XenSymbol] = {}
     current_file = ""
-    body = symtab.data()
-    for st_name, st_info, _other, st_shndx, st_value, st_size in struct.iter_unpack(
-            "<IBBHQQ", body):
-        end = strings.find(b"\0", st_name)
-        name = strings[st_name:end].decode("utf-8", "replace")
-        stype, bind = st_info & 0xF, st_info >> 4
+    for rsym in ef.symbols(symtab):
+        name, stype, st_shndx = rsym.name, rsym.type, rsym.shndx
         if stype == _STT_FILE:
             current_file = name
             continue
         if (stype == _STT_SECTION or not name or st_shndx == 0 or st_shndx == _SHN_ABS
                 or st_shndx not in alloc or name.startswith("$") or "_compiled." in name):
             continue
-        is_local = bind == _STB_LOCAL
+        is_local = rsym.bind == _STB_LOCAL
         full = f"{current_file}#{name}" if is_local else name
-        symbols.setdefault(full, XenSymbol(full, st_value, st_size, stype == 2, is_local))
+        symbols.setdefault(full, XenSymbol(full, rsym.value, rsym.size, stype == 2, is_local))
     # Data sections (SHF_ALLOC, not EXECINSTR), where string literals and constants live, to
     # name what old code reads.  Not only read-only ones: Xen links .rodata writable.  ~1 MiB.
-    data_secs = tuple((sec.name, sec["sh_addr"], memoryview(sec.data()))
-                      for sec in ef.iter_sections()
-                      if sec["sh_type"] == "SHT_PROGBITS" and sec["sh_flags"] & 0x6 == 0x2)
+    data_secs = tuple((sec.name, sec.addr, memoryview(ef.body(sec))) for sec in ef.sections
+                      if sec.type == 1 and sec.flags & 0x6 == 0x2)
     return XenSymbols(label, build_id, symbols, text, data_secs)
 
 
@@ -174,16 +157,15 @@ def parse_build_id_note(note: bytes) -> bytes:
 def read_build_id(path: str | os.PathLike[str]) -> bytes:
     """The GNU build-id of an ELF file (``xen-syms`` or a payload), without reading its
     symbols; :class:`UsageError` when there is none."""
-    from elftools.common.exceptions import ELFError
-    from elftools.elf.elffile import ELFFile
-
     try:
-        with open(path, "rb") as f:
-            sec = ELFFile(f).get_section_by_name(xen_abi.SEC_BUILD_ID)
-            note = sec.data() if sec is not None else b""
+        data = Path(path).read_bytes()
     except OSError as exc:
         raise UsageError(f"{path}: cannot read: {exc.strerror or exc}") from exc
-    except ELFError as exc:
+    try:
+        ef = read_raw(str(path), data)
+        sec = ef.section(xen_abi.SEC_BUILD_ID)
+        note = ef.body(sec) if sec is not None else b""
+    except ElfParseError as exc:
         raise UsageError(f"{path}: not an ELF file: {exc}") from exc
     build_id = parse_build_id_note(note)
     if not build_id:

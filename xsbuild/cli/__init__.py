@@ -16,6 +16,7 @@ Exit codes (also in the README):
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import traceback
@@ -35,7 +36,9 @@ Set XSBUILD_TRACEBACK=1 to see a Python traceback on errors."""
 
 @click.group(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="xsbuild")
-def cli() -> None:
+@click.option("--debug", is_flag=True,
+              help="Trace the differ's decisions (correlation, classification) on stderr.")
+def cli(debug: bool) -> None:
     """Turn a Xen source patch into a live-patch payload, check it, inspect it, apply it.
 
     \b
@@ -47,6 +50,9 @@ def cli() -> None:
     or all at once from a source tree: xsbuild build --srcdir xen --patch fix.patch ...
     Review a payload: xsbuild inspect fix.livepatch.  See it all run: xsbuild demo.
     """
+    if debug:
+        logging.basicConfig(level=logging.DEBUG, stream=sys.stderr,
+                            format="xsbuild: debug: %(name)s: %(message)s")
 
 
 def _register() -> None:

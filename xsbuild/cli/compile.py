@@ -167,7 +167,7 @@ def check_cmd(payload: Path, xen_syms: Path | None, others: tuple[Path, ...],
     """
     from xsbuild.check import Problem, check_payload
     from xsbuild.elf import check_elf_header
-    from xsbuild.inspect import load_other_payload
+    from xsbuild.inspection import load_other_payload
     from xsbuild.xen_abi import EINVAL
     from xsbuild.xensyms import XenSymbols
 

@@ -64,7 +64,7 @@ def inspect_cmd(payload: Path, xen_syms: Path | None, others: tuple[Path, ...], 
     Exit status: 0 report written (a payload Xen would reject is reported,
     see loader.ok in JSON; `xsbuild check` is the gate), 2 bad input.
     """
-    from xsbuild.inspect import inspect_payload, load_other_payload
+    from xsbuild.inspection import inspect_payload, load_other_payload
     from xsbuild.report import render
     from xsbuild.xensyms import XenSymbols
 

@@ -31,7 +31,6 @@ import faulthandler
 import io
 import json
 import mmap
-import struct
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -333,11 +332,12 @@ def _apply_rela(sec: Any, target: Any, base: int, values: list[int | None], name
         if value is None:
             raise LoaderError(abi.EINVAL, f"relocation against ignored symbol {names[symidx]}")
         value += rel["r_addend"]
-        width = 8 if rtype == abi.R_X86_64_64 else 4
+        kind = abi.RELOC_KINDS[rtype]
+        width = kind.width
         if offset + width > target["sh_size"]:
             raise LoaderError(abi.EINVAL, f"{target.name}+{offset:#x}: relocation past the end")
         place = base + offset
-        if width == 8:
+        if not kind.pc_relative:
             ctypes.c_uint64.from_address(place).value = value & (2**64 - 1)
             continue
         value -= place
@@ -468,10 +468,11 @@ def _check_alternatives(elf: ELFFile, payload: Payload, alt: tuple[int, int],
         raise LoaderError(abi.EINVAL, "bad .altinstructions")
     text_lo, text_hi = regions["text"], regions["text"] + regions["text_size"]
     for entry in range(addr, addr + size, abi.ALT_INSTR_SIZE):
-        raw = ctypes.string_at(entry, abi.ALT_INSTR_SIZE)
-        orig_off, repl_off, _cpuid, orig_len, repl_len, _pad, _priv = \
-            struct.unpack(abi.ALT_INSTR_FORMAT, raw)
-        orig, new = entry + orig_off, entry + 4 + repl_off
+        alt = abi.ALT_INSTR.unpack(ctypes.string_at(entry, abi.ALT_INSTR_SIZE))
+        orig_len, repl_len = alt.orig_len, alt.repl_len
+        # Each offset is relative to its own field.
+        orig = entry + abi.ALT_INSTR.offset("orig_offset") + alt.orig_offset
+        new = entry + abi.ALT_INSTR.offset("repl_offset") + alt.repl_offset
         if not (text_lo <= orig and orig + orig_len <= text_hi):
             raise LoaderError(abi.EINVAL, f"alternative at {orig:#x} outside the text region")
         if not (repl[0] <= new and new + repl_len <= repl[0] + repl[1]):

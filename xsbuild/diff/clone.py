@@ -1,4 +1,5 @@
-"""Cut what the diff chose out of the patched object into a new, self-describing object.
+"""Pass 4: clone what the diff chose out of the patched object into a new, self-describing
+object (the diff object).
 
 Symbol-centric (as objtool's klp-diff clones symbols rather than sections): each included
 function or object gets a section of its own holding only its bytes; each string literal or merged
@@ -18,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from xsbuild import xen_abi
-from xsbuild.diff import CHANGED, DiffResult, Unit, unit_targets, xen_name
+from xsbuild.diff.model import DiffContext, Status, Unit, xen_name
 from xsbuild.elf import (
     SHF_ALLOC,
     SHF_EXECINSTR,
@@ -40,8 +41,6 @@ from xsbuild.elf import (
 from xsbuild.errors import UnsupportedChangeError
 from xsbuild.relocs import Target, bug_frame_real_offset, target_of
 
-SEC_STRINGS = ".livepatch.strings"  # names for .livepatch.funcs (a plain read-only section)
-
 
 @dataclass(frozen=True, slots=True)
 class SpecialSection:
@@ -62,10 +61,12 @@ class SpecialSection:
 
 SPECIAL_SECTIONS = (
     SpecialSection(xen_abi.SEC_ALTINSTRUCTIONS,
-                   xen_abi.special_entry_size(xen_abi.SEC_ALTINSTRUCTIONS), fragment_field=4,
+                   xen_abi.special_entry_size(xen_abi.SEC_ALTINSTRUCTIONS),
+                   fragment_field=xen_abi.ALT_INSTR.offset("repl_offset"),
                    fragment_section=xen_abi.SEC_ALTINSTR_REPLACEMENT),
     SpecialSection(xen_abi.SEC_EX_TABLE, xen_abi.special_entry_size(xen_abi.SEC_EX_TABLE),
-                   fragment_field=4, fragment_section=xen_abi.SEC_FIXUP),
+                   fragment_field=xen_abi.EX_TABLE_ENTRY.offset("cont"),
+                   fragment_section=xen_abi.SEC_FIXUP),
     *(SpecialSection(name, xen_abi.special_entry_size(name), real_offset=bug_frame_real_offset)
       for name in xen_abi.BUG_FRAME_SECTIONS),
 )
@@ -90,14 +91,14 @@ class _Pool:
         return self.offsets[key]
 
 
-class Extractor:
-    def __init__(self, result: DiffResult, out_name: str) -> None:
-        self.result = result
+class Cloner:
+    """Builds the diff object; each cloned unit's output symbol is recorded on it (``clone``)."""
+
+    def __init__(self, ctx: DiffContext, out_name: str) -> None:
+        self.ctx = ctx
         self.out = Elf(path=out_name)
-        self.file = next((s.name for s in result.patched.symbols if s.is_file), "")
+        self.file = next((s.name for s in ctx.patched.symbols if s.is_file), "")
         self.out.symbols.append(Symbol(name=self.file, type=STT_FILE, shndx=0xFFF1))
-        self.unit_of = {id(u.sym): u for u in result.units}
-        self.out_sym: dict[int, Symbol] = {}  # patched unit symbol id -> output symbol
         self.externals: dict[str, Symbol] = {}
         self.pools: dict[str, _Pool] = {}
         self.problems: list[str] = []
@@ -137,12 +138,13 @@ class Extractor:
         sym = Symbol(name=_payload_name(u), type=u.sym.type, bind=u.sym.bind,
                      other=u.sym.other, sec=sec, value=0, size=u.sym.size)
         self.out.symbols.append(sym)
-        self.out_sym[id(u.sym)] = sym
+        u.clone = sym
 
     def copy_unit_relocs(self, u: Unit) -> None:
-        sec = self.out_sym[id(u.sym)].sec
+        assert u.clone is not None
+        sec = u.clone.sec
         assert sec is not None
-        for r, t in unit_targets(u, self.result.ends):
+        for r, t in self.ctx.targets(u):
             ref = self.reference(t, f"{u.sec.name}: {u.name}+{r.offset - u.sym.value:#x}")
             if ref is not None:
                 sym, addend = ref
@@ -152,14 +154,14 @@ class Extractor:
         """The output symbol and addend standing for target ``t``."""
         if t.kind == "sym":
             assert t.sym is not None
-            u = self.unit_of.get(id(t.sym))
-            if u is not None and id(u.sym) in self.out_sym:
-                return self.out_sym[id(u.sym)], t.delta
+            u = self.ctx.unit_of.get(t.sym)
+            if u is not None and u.clone is not None:
+                return u.clone, t.delta
             if u is not None:
                 return self.external(u.xen_name), t.delta
             if t.sym.sec is None:
                 return self.external(t.sym.name), t.delta
-            self.problems.append(f"{self.result.object}: {where}: refers to {t.sym.name}, "
+            self.problems.append(f"{self.ctx.object}: {where}: refers to {t.sym.name}, "
                                  f"which is neither a function nor an object xsbuild can carry")
             return None
         if t.kind == "string":
@@ -174,18 +176,18 @@ class Extractor:
             p = self.pool(f".rodata.cst{size}", SHF_ALLOC | SHF_MERGE, size, entsize=size)
             off = p.add(("cst", t.content), t.content, size)
             return p.sec.sym, off + t.delta  # type: ignore[return-value]
-        self.problems.append(f"{self.result.object}: {where}: refers to an unnamed place in "
+        self.problems.append(f"{self.ctx.object}: {where}: refers to an unnamed place in "
                              f"{t.section.name if t.section else '?'}{t.delta:+#x}, which "
                              "xsbuild cannot carry into a payload")
         return None
 
     # -- special sections --------------------------------------------------------------------
     def copy_special(self, spec: SpecialSection) -> None:
-        src = self.result.patched.section(spec.name)
+        src = self.ctx.patched.section(spec.name)
         if src is None or not src.size:
             return
         if src.size % spec.entry_size:
-            self.problems.append(f"{self.result.object}: {spec.name}: size {src.size} is not a "
+            self.problems.append(f"{self.ctx.object}: {spec.name}: size {src.size} is not a "
                                  f"multiple of the {spec.entry_size}-byte entry of this "
                                  "hypervisor build")
             return
@@ -197,7 +199,7 @@ class Extractor:
         for off in range(0, src.size, spec.entry_size):
             relocs = relocs_at.get(off, [])
             owner = self._entry_owner(spec, relocs, off)
-            if owner is None or id(owner.sym) not in self.out_sym:
+            if owner is None or owner.clone is None:
                 continue
             if out is None:
                 out = self.add_section(spec.name, src.flags, src.addralign)
@@ -218,12 +220,12 @@ class Extractor:
         t = target_of(first, real_offset=real)
         if t.kind != "sym" or t.sym is None:
             return None
-        return self.unit_of.get(id(t.sym))
+        return self.ctx.unit_of.get(t.sym)
 
     def _fragment_bounds(self, spec: SpecialSection, src: Section) -> list[int]:
         if spec.fragment_field is None:
             return []
-        aux = self.result.patched.section(spec.fragment_section)
+        aux = self.ctx.patched.section(spec.fragment_section)
         if aux is None:
             return []
         starts = {target_of(r).delta for r in src.relocs if r.sym.sec is aux
@@ -248,8 +250,7 @@ class Extractor:
         start = t.delta
         if spec.name == xen_abi.SEC_ALTINSTRUCTIONS:
             entry = r.offset - spec.fragment_field  # type: ignore[operator]
-            repl_len = src.data[entry + 11]
-            end = start + repl_len
+            end = start + xen_abi.ALT_INSTR.unpack(src.data, entry).repl_len
         else:
             end = next((b for b in bounds if b > start), aux.size)
         flags = aux.flags & (SHF_ALLOC | SHF_EXECINSTR | SHF_WRITE)
@@ -267,7 +268,7 @@ class Extractor:
 
     # -- hooks and the funcs table -----------------------------------------------------------
     def copy_hooks(self) -> None:
-        for src in self.result.hook_sections:
+        for src in self.ctx.hook_sections:
             sec = self.add_section(src.name, SHF_ALLOC, 8, data=bytes(src.data))
             for r in src.relocs:
                 ref = self.reference(target_of(r), f"{src.name}+{r.offset:#x}")
@@ -275,10 +276,10 @@ class Extractor:
                     sec.relocs.append(Reloc(r.offset, r.type, *ref))
 
     def add_funcs(self) -> None:
-        changed = [u for u in self.result.changed_functions if u.status == CHANGED]
+        changed = [u for u in self.ctx.changed_functions if u.status == Status.CHANGED]
         if not changed:
             return
-        strings = self.pool(SEC_STRINGS, SHF_ALLOC, 1)
+        strings = self.pool(xen_abi.SEC_STRINGS, SHF_ALLOC, 1)
         funcs = self.add_section(xen_abi.SEC_FUNCS, SHF_ALLOC | SHF_WRITE, xen_abi.FUNC_ALIGN,
                                  entsize=xen_abi.FUNC_SIZE)
         data = bytearray()
@@ -291,13 +292,13 @@ class Extractor:
             funcs.relocs.append(Reloc(off + xen_abi.FUNC_OFF_NAME, xen_abi.R_X86_64_64,
                                       strings.sec.sym, name_off))  # type: ignore[arg-type]
             funcs.relocs.append(Reloc(off + xen_abi.FUNC_OFF_NEW_ADDR, xen_abi.R_X86_64_64,
-                                      self.out_sym[id(u.sym)], 0))
+                                      u.clone, 0))  # type: ignore[arg-type]
         funcs.data, funcs.size = bytes(data), len(data)
 
     def run(self) -> Elf:
-        for u in self.result.included:
+        for u in self.ctx.included:
             self.copy_unit(u)
-        for u in self.result.included:
+        for u in self.ctx.included:
             self.copy_unit_relocs(u)
         for spec in SPECIAL_SECTIONS:
             self.copy_special(spec)
@@ -309,10 +310,12 @@ class Extractor:
         return self.out
 
 
-def extract(result: DiffResult, out_name: str) -> Elf:
-    """The diff object for ``result``; raises :class:`UnsupportedChangeError` when something
-    chosen cannot be carried (an anonymous reference, a malformed special section)."""
-    return Extractor(result, out_name).run()
+def clone(ctx: DiffContext, out_name: str) -> Elf:
+    """The diff object for ``ctx`` (also left in ``ctx.out``); raises
+    :class:`UnsupportedChangeError` when something chosen cannot be carried (an anonymous
+    reference, a malformed special section)."""
+    ctx.out = Cloner(ctx, out_name).run()
+    return ctx.out
 
 
 def _section_name(src: str, name: str) -> str:
@@ -332,6 +335,6 @@ def _pool_name(src: str) -> str:
 def _payload_name(u: Unit) -> str:
     """Statics as ``path#name`` (as Xen names them), globals plain.  The changed function keeps
     its hypervisor name: Xen treats a symbol at a ``new_addr`` as overriding, not as new."""
-    if u.status == CHANGED and u.twin is not None:
+    if u.status == Status.CHANGED and u.twin is not None:
         return u.xen_name
     return xen_name(u.sym) if u.sym.bind == STB_LOCAL else u.sym.name

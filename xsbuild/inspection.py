@@ -17,7 +17,6 @@ Nothing here prints; :mod:`xsbuild.report` renders the report as text, JSON or H
 from __future__ import annotations
 
 import os
-import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -598,12 +597,15 @@ class _Builder:
         return reloc_label(r, 0), owner
 
     def _alt(self, sec: Section, i: int, off: int, relocs: dict[int, Reloc]) -> SpecialEntry:
-        _o, _r, cpuid, orig_len, repl_len, pad_len, _priv = struct.unpack_from(
-            xen_abi.ALT_INSTR_FORMAT, sec.data, off)
-        orig, owner = self._place(relocs.get(off))
-        repl, _ = self._place(relocs.get(off + 4))
-        repl_code = self._code_at(relocs.get(off + 4), repl_len)
-        orig_code = self._code_at(relocs.get(off), orig_len)
+        entry = xen_abi.ALT_INSTR.unpack(sec.data, off)
+        cpuid, orig_len, repl_len, pad_len = (entry.cpuid, entry.orig_len, entry.repl_len,
+                                              entry.pad_len)
+        orig_rel = relocs.get(off + xen_abi.ALT_INSTR.offset("orig_offset"))
+        repl_rel = relocs.get(off + xen_abi.ALT_INSTR.offset("repl_offset"))
+        orig, owner = self._place(orig_rel)
+        repl, _ = self._place(repl_rel)
+        repl_code = self._code_at(repl_rel, repl_len)
+        orig_code = self._code_at(orig_rel, orig_len)
         feature = f"{cpuid // 32}*32+{cpuid % 32}"
         summary = f"{orig_code} -> {repl_code} when CPU feature {feature} is present"
         return SpecialEntry(sec.name, i, off, owner, summary,
@@ -626,8 +628,8 @@ class _Builder:
         return "; ".join(i.text for i in code) or "(empty)"
 
     def _ex(self, sec: Section, i: int, off: int, relocs: dict[int, Reloc]) -> SpecialEntry:
-        addr, owner = self._place(relocs.get(off))
-        cont_rel = relocs.get(off + 4)
+        addr, owner = self._place(relocs.get(off + xen_abi.EX_TABLE_ENTRY.offset("addr")))
+        cont_rel = relocs.get(off + xen_abi.EX_TABLE_ENTRY.offset("cont"))
         cont, _ = self._place(cont_rel)
         fields: dict[str, str | int] = {"addr": addr, "cont": cont}
         summary = f"a fault at {addr} continues at {cont}"
@@ -640,7 +642,8 @@ class _Builder:
     def _bug(self, sec: Section, i: int, off: int, relocs: dict[int, Reloc]) -> SpecialEntry:
         """A bug frame (spec §1.4): where the ``ud2`` is, and the file and line it reports."""
         kind = BUG_FRAME_KINDS[xen_abi.BUG_FRAME_SECTIONS.index(sec.name)]
-        loc_rel, ptr_rel = relocs.get(off), relocs.get(off + 4)
+        loc_rel = relocs.get(off + xen_abi.BUG_FRAME.offset("loc_disp"))
+        ptr_rel = relocs.get(off + xen_abi.BUG_FRAME.offset("ptr_disp"))
         loc, owner = self._place(_bug_target(loc_rel, off))
         line = (_line_bits(loc_rel) << _BUG_LINE_LO_WIDTH) | _line_bits(ptr_rel)
         fields: dict[str, str | int] = {"kind": kind, "location": loc, "line": line}
@@ -651,7 +654,8 @@ class _Builder:
         fields["file"] = _string_or_label(_bug_target(ptr_rel, off))
         summary = f"{kind.upper()} at {loc}: {fields['file']}:{line}"
         if kind == "assert":
-            fields["message"] = _string_or_label(_bug_target(relocs.get(off + 12), off))
+            msg_rel = relocs.get(off + xen_abi.ASSERT_FRAME.offset("msg_disp"))
+            fields["message"] = _string_or_label(_bug_target(msg_rel, off))
             summary += f": assertion '{fields['message']}' failed"
         return SpecialEntry(sec.name, i, off, owner, summary, fields)
 
