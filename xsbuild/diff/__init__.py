@@ -42,7 +42,7 @@ from xsbuild.diff.model import (
     xen_name,
 )
 from xsbuild.diff.select import select
-from xsbuild.elf import STT_FUNC, Elf, read_elf
+from xsbuild.elf import SHN_ABS, STB_LOCAL, STT_FILE, STT_FUNC, Elf, Symbol, read_elf
 from xsbuild.errors import InputMismatchError, UnsupportedChangeError
 
 __all__ = ["Change", "ChangeKind", "DiffContext", "DiffResult", "Outcome", "Side", "Status",
@@ -75,12 +75,28 @@ def diff_objects(orig: Elf, patched: Elf, *, label: str = "",
     """Run the passes over two parsed objects; the context holds every decision."""
     ctx = DiffContext(object=label or patched.path, orig=orig, patched=patched,
                       allow_new_statics=set(allow_new_statics))
+    name_fileless(orig, patched)
     check_inputs(orig, patched, ctx.object)
     ctx.ignored_sections = ignored_sections(patched)
     correlate(ctx)
     compare(ctx)
     select(ctx)
     return ctx
+
+
+def name_fileless(orig: Elf, patched: Elf) -> None:
+    """Give an object without an STT_FILE symbol (assembly without ``.file``, such as Xen's
+    ``arch/x86/boot/head.o``, or a generated one such as ``common/config_data.o``) the FILE
+    symbol the linker gives it in ``xen-syms``: the object's file name, so its statics are
+    ``head.o#multiboot1_header`` there (spec §7) and here alike."""
+    if orig.file_symbols() or patched.file_symbols():
+        return
+    name = Path(orig.path).name
+    for elf in (orig, patched):
+        elf.symbols.insert(1, Symbol(name=name, type=STT_FILE, shndx=SHN_ABS))
+        for sym in elf.symbols:
+            if sym.bind == STB_LOCAL and not sym.is_file and not sym.is_section:
+                sym.file = name
 
 
 def check_inputs(orig: Elf, patched: Elf, label: str) -> None:
