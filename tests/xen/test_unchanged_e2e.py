@@ -29,7 +29,7 @@ def _build(code: Path, tree: DebianTree, patch: Path, out: Path,
            *extra: str) -> tuple[int, bytes, str, str]:
     """(exit code, payload bytes, build-id from the JSON summary, stderr) of one build."""
     proc = xsbuild_at(code, "build", "--srcdir", tree.source_top, "--patch", patch, "--xen-syms",
-                      tree.debian_xen_syms, "-o", out, "--json", "-j", "1", *header_args(patch),
+                      tree.debian_xen_syms, "-o", out, "--json", "-j", "2", *header_args(patch),
                       *extra, timeout=900)
     summary = json.loads(proc.stdout) if proc.stdout.strip() else {}
     return (proc.returncode, out.read_bytes() if out.exists() else b"",
@@ -46,6 +46,8 @@ def test_e2e_payloads_unchanged(debian_tree: DebianTree, tmp_path: Path) -> None
     results: dict[str, dict[str, tuple[int, bytes, str, str]]] = {"base": {}, "head": {}}
     for stem in STEMS:
         [patch] = PATCHES.glob(f"{stem}-*.patch")
+        if not (base / "tests" / "xen" / "patches" / patch.name).is_file():
+            continue  # newer than the base: it tests new behaviour (a refused layout change)
         for side, code in (("base", base), ("head", REPO)):
             extra: list[str] = []
             if stem == "02":  # stacked on 01, as the e2e test builds it

@@ -191,6 +191,9 @@ class DiffContext:
     hook_sections: list[Section] = field(default_factory=list)
     refused: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    # Changed read-only tables select judged (carried with their readers, or refused naming the
+    # reader that cannot be replaced): the generic changed-data refusal leaves them alone.
+    tables: list[Unit] = field(default_factory=list)
     out: Elf | None = None  # the diff object, once cloned
 
     def targets(self, u: Unit) -> list[tuple[Reloc, Target]]:

@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 def select(ctx: DiffContext) -> None:
     """Fill ``ctx.refused``, ``ctx.hook_sections``, ``ctx.included`` and ``ctx.notes``."""
+    carry_changed_tables(ctx)
     ctx.refused += find_refusals(ctx)
     ctx.hook_sections = [s for s in ctx.patched.sections
                          if s.name.startswith(xen_abi.HOOK_PREFIX) and s.size]
@@ -54,7 +55,8 @@ def find_refusals(ctx: DiffContext) -> list[str]:
             problems.append(f"{where}: {u.status} __init {what} cannot be live-patched (init code "
                             "and data ran at boot and were freed); put the fix in a runtime "
                             "function or mark the section in .livepatch.ignore.sections")
-        elif not u.is_func and u.status == Status.CHANGED and not is_special_static(u.name):
+        elif not u.is_func and u.status == Status.CHANGED and not is_special_static(u.name) \
+                and u not in ctx.tables:
             kind = ("read-only data" if not u.sec.is_writable else
                     "zero-initialised data (bss)" if u.sec.is_nobits else "initialised data")
             problems.append(f"{where}: changed {kind} cannot be live-patched ({u.reason}): the "
@@ -62,6 +64,77 @@ def find_refusals(ctx: DiffContext) -> list[str]:
                             "load hook instead")
     problems += uncorrelated_statics(ctx)
     return problems
+
+
+def carry_changed_tables(ctx: DiffContext) -> None:
+    """A changed read-only static (a lookup table, a list of known digests) can travel as new
+    data when the payload replaces every function that reads it: each reader, changed or not,
+    is replaced by its copy in the payload, which reads the payload's table.  Refused, naming
+    the reader, when something that cannot be replaced still reads the old table: data holding
+    its address, a place covered by no symbol; and when it is global (other objects may read
+    it).  ``__init`` readers ran at boot and are gone: they do not count.  Writable data stays
+    refused (:func:`find_refusals`)."""
+    tables = [u for u in ctx.units if _is_changed_table(ctx, u)]
+    if not tables:
+        return
+    readers = _readers(ctx, set(tables))
+    for table in tables:
+        ctx.tables.append(table)
+        where = f"{ctx.object}: {table.sec.name}: {table.name}"
+        blockers = [why for reader, why in readers.get(table, []) if why]
+        if not table.sym.is_local:
+            blockers.insert(0, "it is global, so code in other objects may read it")
+        if blockers:
+            ctx.refused.append(f"{where}: changed read-only data cannot be live-patched "
+                               f"({table.reason}): {blockers[0]}, and the running hypervisor "
+                               "keeps the old value there; use a new table read only by "
+                               "replaced functions")
+            continue
+        promoted, names = [], set()
+        for reader, _why in readers.get(table, []):
+            fn = reader.parent or reader  # a cold part is replaced with its function
+            names.add(fn.name)
+            if fn.status == Status.SAME:
+                fn.status, fn.reason = Status.CHANGED, f"reads the changed table {table.name}"
+                promoted.append(fn.name)
+        log.debug("select: table %s carried; readers replaced: %s", table.name, promoted)
+        alone = f"; replaced for that alone: {', '.join(sorted(set(promoted)))}" if promoted else ""
+        ctx.notes.append(f"changed read-only table {table.name} is carried as new data, read "
+                         f"only by replaced functions ({', '.join(sorted(names))}{alone})")
+
+
+def _is_changed_table(ctx: DiffContext, u: Unit) -> bool:
+    return (not u.is_func and u.status == Status.CHANGED and not is_special_static(u.name)
+            and not u.sec.is_writable and not u.sec.is_nobits
+            and not is_init_section(u.sec.name) and u.sec.name not in ctx.ignored_sections)
+
+
+def _readers(ctx: DiffContext, tables: set[Unit]) -> dict[Unit, list[tuple[Unit | None, str]]]:
+    """For each table, who refers to it: (unit, "") for a function the payload can replace,
+    (unit or None, why not) for anything else.  Every relocation of every allocated section is
+    looked at, so a reference from outside any unit is not missed."""
+    found: dict[Unit, list[tuple[Unit | None, str]]] = {}
+    for u in ctx.units:
+        if is_init_section(u.sec.name):
+            continue
+        for _r, t in ctx.targets(u):
+            table = ctx.unit_of.get(t.sym) if t.kind == "sym" and t.sym is not None else None
+            if table in tables and table is not u:
+                why = "" if u.is_func else f"the data {u.name} holds its address"
+                found.setdefault(table, []).append((u, why))
+    covered = {id(r) for u in ctx.units for r in u.relocs()}
+    for sec in ctx.patched.sections:
+        if not sec.is_alloc or is_init_section(sec.name):
+            continue
+        for r in sec.relocs:
+            if id(r) in covered:
+                continue
+            t = target_of(r)
+            table = ctx.unit_of.get(t.sym) if t.kind == "sym" and t.sym is not None else None
+            if table in tables:
+                found.setdefault(table, []).append(
+                    (None, f"{sec.name}+{r.offset:#x} (covered by no symbol) refers to it"))
+    return found
 
 
 def uncorrelated_statics(ctx: DiffContext) -> list[str]:
