@@ -48,7 +48,7 @@ def run_both(baseline: Path, out: Path, *args: str | Path) -> tuple[int, bytes |
         proc = xsbuild_at(code, *args, timeout=120)
         data = out.read_bytes() if out.exists() else None
         results.append((proc.returncode, proc.stdout, data, proc.stderr))
-    (rc0, out0, data0, _err0), (rc1, out1, data1, err1) = results
+    (rc0, _out0, data0, _err0), (rc1, _out1, data1, err1) = results
     what = f"xsbuild {' '.join(map(str, args))}"
     assert rc1 == rc0, f"{what}: exit {rc1}, base {BASE_COMMIT} exit {rc0}\n{err1.decode()}"
     assert (data1 is None) == (data0 is None), f"{what}: output exists only on one side"
