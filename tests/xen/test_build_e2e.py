@@ -23,6 +23,7 @@ with the right message.
 | 12 | a new source file | extra |
 | 13, 14 | changed data, ``__init``-only change | build refused, exit 1 |
 | 15 | a member added to ``struct domain`` (a layout change) | build refused, exit 1, by name |
+| 16 | a changed static const table, its unchanged reader replaced too | extra |
 """
 
 from __future__ import annotations
@@ -118,7 +119,7 @@ def payloads(debian_tree: DebianTree, tmp_path_factory: pytest.TempPathFactory
     before = _snapshot(debian_tree.source_top)
     built = {"01": build(debian_tree, "01", out)}
     built["02"] = build(debian_tree, "02", out, "--depends", built["01"].build_id)
-    for stem in ("03", "04", "05", "06", "07", "08", "09", "10", "11", "12"):
+    for stem in ("03", "04", "05", "06", "07", "08", "09", "10", "11", "12", "16"):
         built[stem] = build(debian_tree, stem, out)
     assert _snapshot(debian_tree.source_top) == before, "xsbuild build wrote into the tree"
     return built
@@ -159,6 +160,9 @@ def test_build_summaries(payloads: dict[str, Built]) -> None:
     assert {"common/version.o", "common/kernel.o"} <= set(objects("11"))
     assert payloads["11"].summary["objects"]["unchanged_objects"]  # type: ignore[index]
     assert "common/xsb_new_file.o" in payloads["12"].summary["objects"]["new_objects"]  # type: ignore[index]
+    # The table's unchanged reader is replaced too, so that it reads the payload's copy.
+    assert sorted(payloads["16"].summary["changed_functions"]) == [  # type: ignore[arg-type]
+        "xen_build_info", "xen_extra_version"]
     for built in payloads.values():
         assert set(built.summary["timings"]) >= {"capture", "diff", "link"}  # type: ignore[arg-type]
 
@@ -209,6 +213,7 @@ OBSERVE = {
     "10": EXTRA,
     "11": f"{EXTRA}; {CHANGESET}",
     "12": EXTRA,
+    "16": EXTRA,
 }
 
 
@@ -312,5 +317,6 @@ def check_singles(result: BootResult, extra0: str, chg0: str, date0: str, why: s
     assert lines(result, "s10-obs") == [extra0 + "-xsb-hooks"], why
     assert lines(result, "s11-obs") == ["xsb-inline", "xsb-inline"], why
     assert lines(result, "s12-obs") == ["xsb-new-file"], why
+    assert lines(result, "s16-obs") == ["xsb-table debug=n"], why
     for stem in OBSERVE:  # every revert restores the original behaviour
         assert lines(result, f"s{stem}-after") == [extra0, chg0, date0], (stem, why)
