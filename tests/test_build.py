@@ -34,7 +34,7 @@ from xsbuild.capture import (
     parse_patch_files,
     replay_tree,
 )
-from xsbuild.errors import EXIT_REPLAY, ReplayError, UnsupportedChangeError, UsageError
+from xsbuild.errors import EXIT_REPLAY, ReplayError, UsageError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -497,18 +497,24 @@ def test_init_only_object_goes_through_init_step(tree: Path, tmp_path: Path) -> 
     assert ".init.text" in section_names(c.patched)
 
 
-def test_assembly_source_change_is_refused(tree: Path, tmp_path: Path) -> None:
+def test_assembly_source_change_goes_to_the_differ(tree: Path, tmp_path: Path) -> None:
+    # entry.S is captured like C; the differ decides (here: a bare label, refused by name).
     new = replace_in(tree, "xen/arch/x86/entry.S", "ret", "nop\n    ret")
     patch = make_patch(tree, {"xen/arch/x86/entry.S": new}, tmp_path / "s.patch")
-    with pytest.raises(UnsupportedChangeError, match="assembly"):
-        run_capture(tree, tmp_path, patch)
+    [c] = run_capture(tree, tmp_path, patch).changed
+    assert c.obj == "arch/x86/entry.o"
+    assert c.orig.read_bytes() == (tree / "xen/arch/x86/entry.o").read_bytes()
+    run = cli_build(tree, patch, tmp_path / "out.livepatch")
+    assert run.returncode == 1, run.stderr
+    assert "arch/x86/entry.o: .text: entry+0x0: changed assembly outside any function with an " \
+           "ELF type FUNC and a size" in run.stderr
 
 
-def test_header_change_reaching_assembly_is_refused(tree: Path, tmp_path: Path) -> None:
+def test_header_change_reaching_assembly_is_captured(tree: Path, tmp_path: Path) -> None:
     new = replace_in(tree, "xen/include/xen/asmdefs.h", "0x42", "0x43")
     patch = make_patch(tree, {"xen/include/xen/asmdefs.h": new}, tmp_path / "a.patch")
-    with pytest.raises(UnsupportedChangeError, match=r"arch/x86/entry\.o: assembly object"):
-        run_capture(tree, tmp_path, patch)
+    [c] = run_capture(tree, tmp_path, patch).changed
+    assert c.obj == "arch/x86/entry.o" and c.reasons == ["xen/include/xen/asmdefs.h"]
 
 
 def test_self_check_detects_a_stale_tree(tree: Path, tmp_path: Path) -> None:

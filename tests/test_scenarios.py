@@ -134,7 +134,7 @@ SCENARIO_DIRS = sorted(p for p in SCENARIOS.iterdir() if (p / "scenario.toml").e
 
 def base_sources() -> dict[str, str]:
     """``{path relative to fixtures/xen: text}`` of the fixture hypervisor."""
-    return {str(p.relative_to(BASE)): p.read_text() for p in sorted(BASE.rglob("*.c"))}
+    return {str(p.relative_to(BASE)): p.read_text() for p in sorted(BASE.rglob("*.[cS]"))}
 
 
 def patched_sources(patch: Path, work: Path) -> dict[str, str]:
@@ -143,7 +143,7 @@ def patched_sources(patch: Path, work: Path) -> dict[str, str]:
     shutil.copytree(BASE, tree)
     run(["patch", "-p1", "--quiet", "--no-backup-if-mismatch", "-d", str(tree), "-i",
          str(patch)])
-    return {str(p.relative_to(tree)): p.read_text() for p in sorted(tree.rglob("*.c"))}
+    return {str(p.relative_to(tree)): p.read_text() for p in sorted(tree.rglob("*.[cS]"))}
 
 
 @pytest.fixture(scope="session")

@@ -8,16 +8,19 @@ the ``.cmd`` file), reproduces each object byte for byte (target-notes "The tree
 build never runs make:
 
 STEP 1  parse the patches: which files they touch, create or delete (:func:`parse_patch_files`).
-STEP 2  build a *shadow* of the tree in a scratch directory: real directories, symlinked files,
-        real copies of the touched files (:class:`Shadow`).  Nothing is ever written through a
-        symlink, so the user's tree stays exactly as it was, whatever fails later.
-STEP 3  ``patch --dry-run`` in the shadow: a patch that does not apply stops here.
-STEP 4  find the affected objects: a changed source, or a changed header through ``deps_``
-        (:meth:`TreeIndex.affected`); new ``.c`` files borrow a sibling's flags.
-STEP 5  compile the originals in the shadow and check each equals the tree's object (self-check:
-        proves the replay is faithful and the tree is up to date).
-STEP 6  apply the patches in the shadow, compile the patched objects with the same lines.
-STEP 7  compare: objects whose bytes did not change are dropped before the (costly) diff.
+STEP 2  build a *shadow* of the tree in a scratch directory: real directories, symlinked files
+        (links inside the tree mirrored as links, so ``arch/x86/efi/*.c`` reach the shadow's
+        ``common/efi/``), real copies of the touched files (:class:`Shadow`).  Nothing is ever
+        written through a symlink, so the user's tree stays exactly as it was, whatever fails.
+STEP 3  ``patch --dry-run`` in the shadow: a patch that does not apply stops here; then apply.
+STEP 4  regenerate the generated files whose inputs the patch touched (compat headers,
+        ``hypercall-defs.h``: the commands their ``.cmd`` files record), inputs first.
+STEP 5  find the affected objects: a changed source, or a changed header or generated file
+        through ``deps_`` (:meth:`TreeIndex.affected`); new ``.c`` files borrow a sibling's flags.
+STEP 6  compile the patched objects; one byte-identical to the tree's is unchanged and done.
+STEP 7  only for the objects whose bytes changed: ``-g`` twins of a few (the layout check),
+        then undo the patches and compile their originals, each of which must equal the tree's
+        object (self-check: the replay is faithful and the tree up to date, else we say which).
 
 Everything here is independent of the differ and linker, so it is tested on its own.
 """
@@ -612,7 +615,7 @@ def capture(req: CaptureRequest, index: TreeIndex | None = None,
             on_debug_pairs: Callable[[dict[str, tuple[Path, Path]]], None] | None = None,
             ) -> CaptureResult:
     """Run STEPs 1-7 of the module docstring; raise on a patch that does not apply, a compile
-    error, a self-check mismatch or an unsupported kind of change (assembly sources).
+    error, a self-check mismatch or an unsupported kind of change (a deleted source file).
 
     With ``req.debug_info``, ``on_debug_pairs`` gets the ``-g`` twins (object -> original,
     patched) as soon as they exist, before the originals are compiled, so a check of them
@@ -849,9 +852,6 @@ def _plan(index: TreeIndex, touched: list[PatchedFile], result: CaptureResult) -
         for o in objs:
             if o.final not in index.linked:
                 result.not_linked.append(o.final)
-            elif o.source == rel and o.is_asm:
-                problems.append(f"{t.path}: changes to assembly sources are not supported "
-                                f"({o.final}); move the fix into C or build the payload by hand")
             else:
                 plan.setdefault(o.obj, _Planned(o, False, [])).reasons.append(t.path)
         if not objs:
@@ -995,19 +995,15 @@ def _first_section_difference(ours: Path, theirs: Path) -> str:
 
 def _compare(plan: list[_Planned], orig: dict[str, CompiledObject],
              patched: dict[str, CompiledObject], result: CaptureResult) -> None:
-    problems = []
+    """Sort the recompiled pairs into changed (for the differ) and unchanged; assembly objects
+    go to the differ too, which patches their sized functions and refuses the rest."""
     for p in plan:
         name = p.cmd.final
         o, n = orig[name].path, patched[name].path
         if o.read_bytes() == n.read_bytes():
             result.unchanged.append(name)
-        elif p.cmd.is_asm:
-            problems.append(f"{name}: assembly object changed (through {', '.join(p.reasons)}); "
-                            "changes that reach assembly sources are not supported")
         else:
             result.changed.append(CapturedObject(name, o, n, p.new, p.reasons))
-    if problems:
-        raise UnsupportedChangeError(problems)
 
 
 # ------------------------------------------------------------------------------------------

@@ -92,7 +92,10 @@ class Toolchain:
 
     def compile_source(self, text: str, unique_name: str, extra: tuple[str, ...] = ()) -> Path:
         """Compile C ``text`` as the file ``unique_name`` (e.g. ``common/sched.c``); see
-        :func:`xsbuild.sandbox.toolchain.compile_c`.  Returns the cached object path."""
+        :func:`xsbuild.sandbox.toolchain.compile_c`; a ``.S`` name is assembled instead
+        (:meth:`assemble`).  Returns the cached object path."""
+        if unique_name.endswith(".S"):
+            return self.assemble(text, unique_name)
         out = self._cached(text, unique_name, *extra, self._headers)
         if not out.exists():
             compile_c(text, unique_name, out, cflags=self.cflags, includes=self.includes(),

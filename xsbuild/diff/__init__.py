@@ -27,6 +27,7 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
+from xsbuild.diff.asm import add_missing_relocations, is_assembly, residue_refusals
 from xsbuild.diff.compare import compare, ignored_sections
 from xsbuild.diff.correlate import correlate, list_units
 from xsbuild.diff.model import (
@@ -75,12 +76,21 @@ def diff_objects(orig: Elf, patched: Elf, *, label: str = "",
     """Run the passes over two parsed objects; the context holds every decision."""
     ctx = DiffContext(object=label or patched.path, orig=orig, patched=patched,
                       allow_new_statics=set(allow_new_statics))
+    assembly = is_assembly(patched)  # before name_fileless gives it a FILE symbol
     name_fileless(orig, patched)
     check_inputs(orig, patched, ctx.object)
+    if assembly:  # cut apart functions sharing a section (xsbuild/diff/asm.py)
+        add_missing_relocations(orig)
+        uncuttable = add_missing_relocations(patched)
     ctx.ignored_sections = ignored_sections(patched)
     correlate(ctx)
     compare(ctx)
     select(ctx)
+    if assembly:
+        ctx.refused += residue_refusals(ctx)
+        included = {u.name for u in ctx.included}
+        ctx.refused += [f"{ctx.object}: {p}" for p in uncuttable
+                        if p.split(": ", 2)[1].split("+")[0] in included]
     return ctx
 
 
