@@ -119,9 +119,13 @@ def archive_table(top: Path, label: str) -> None:
         t_reuse = xsbuild("base", "import", "-q", str(archive),
                           env={"XDG_CACHE_HOME": str(root / "cache")})
         size = archive.stat().st_size
-        print(f"| {label} | {tree_bytes / 1e6:.1f} MB | {size / 1e6:.1f} MB "
+        print(f"| {label} | {_size(tree_bytes)} | {_size(size)} "
               f"({size / tree_bytes:.0%}) | {t_export:.1f} s | {t_import:.1f} s | "
               f"{t_reuse:.2f} s |", flush=True)
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.1f} kB"
 
 
 def main() -> None:

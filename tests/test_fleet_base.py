@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.test_build import (  # noqa: F401 - fixtures
+    REPO,
     built_tree_master,
     make_patch,
     replace_in,
@@ -28,6 +29,13 @@ from xsbuild.base_archive import MANIFEST, archive_name, read_manifest
 from xsbuild.xensyms import read_build_id
 
 
+def validate(doc: dict, name: str) -> None:
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = json.loads((REPO / f"docs/json-schema/{name}.schema.json").read_text())
+    jsonschema.Draft202012Validator.check_schema(schema)
+    jsonschema.validate(doc, schema, cls=jsonschema.Draft202012Validator)
+
+
 def cache_env(tmp_path: Path, name: str = "cache") -> dict[str, str]:
     return {"XDG_CACHE_HOME": str(tmp_path / name)}
 
@@ -35,6 +43,7 @@ def cache_env(tmp_path: Path, name: str = "cache") -> dict[str, str]:
 def export(src: Path, out: Path, env: dict[str, str] | None = None) -> Path:
     run = xsbuild("base", "export", "--srcdir", str(src), "-o", str(out), "--json", env=env)
     assert run.returncode == 0, run.stderr
+    validate(json.loads(run.stdout), "xsbuild.base-export-1")
     return Path(json.loads(run.stdout)["archive"])
 
 
@@ -63,6 +72,8 @@ def test_export_is_reproducible_and_named_by_build_id(tree: Path, built_tree_mas
     assert first.read_bytes()[4:8] == b"\0\0\0\0"  # gzip header: no time
     manifest = read_manifest(first)
     assert manifest.xen_build_id == build_id
+    with tarfile.open(first) as tar:
+        validate(json.loads(tar.extractfile(MANIFEST).read()), "xsbuild.base-1")
     files = {e.path: e for e in manifest.entries}
     assert files["xen/common/gamma.o"].sha256 == hashlib.sha256(
         (tree / "xen/common/gamma.o").read_bytes()).hexdigest()
@@ -101,6 +112,7 @@ def test_build_from_imported_base_is_byte_identical(tree: Path, tmp_path: Path) 
     # And importing explicitly says where it is.
     run = xsbuild("base", "import", str(archive), "--json", env=env)
     assert run.returncode == 0 and json.loads(run.stdout)["reused"] is True
+    validate(json.loads(run.stdout), "xsbuild.base-import-1")
     assert json.loads(run.stdout)["top"] == str(top)
 
 
@@ -218,8 +230,6 @@ DEBIAN_TOP = Path.home() / ".cache/xsbuild/debian/4.17.5+72-g01140da4e8-1/xen-4.
 @pytest.mark.skipif(not (DEBIAN_TOP / "xsbuild-base.ok").is_file(),
                     reason="needs Debian's built tree")
 def test_debian_base_archive_builds_identical_payload(tmp_path: Path) -> None:
-    from tests.test_build import REPO
-
     patch = REPO / "tests/xen/patches/01-changed-function.patch"
     archive = export(DEBIAN_TOP, tmp_path)
     direct = tmp_path / "direct.livepatch"

@@ -155,6 +155,9 @@ def test_matrix_orders_stacked_advisories(plan_dir: Path) -> None:
     run = matrix(plan_dir / "patches", plan_dir / "targets.toml")
     assert run.returncode == 0, run.stderr
     doc = json.loads(run.stdout)
+    schema = json.loads((REPO / "docs/json-schema/xsbuild.matrix-1.schema.json").read_text())
+    jsonschema.Draft202012Validator.check_schema(schema)
+    jsonschema.validate(doc, schema, cls=jsonschema.Draft202012Validator)
     assert doc["stages"] == 3
     jobs = {j["id"]: j for j in doc["jobs"]}
     assert sorted(jobs) == sorted(f"{t}/{a}" for t in ("deb", "own")
@@ -279,7 +282,8 @@ def test_job_scripts_build_and_index_two_targets_two_patches(two_targets: Path,
     run = xsbuild("index", "--payloads", "payloads", cwd=work)
     assert run.returncode == 0, run.stderr
     index = json.loads((work / "payloads/index.json").read_text())
-    jsonschema.validate(index, INDEX_SCHEMA)
+    jsonschema.Draft202012Validator.check_schema(INDEX_SCHEMA)
+    jsonschema.validate(index, INDEX_SCHEMA, cls=jsonschema.Draft202012Validator)
     entries = {(e["target"], e["name"]): e for e in index["payloads"]}
     assert list(entries) == [("a", "xsa-1"), ("a", "xsa-2"), ("b", "xsa-1"), ("b", "xsa-2")]
     for target in ("a", "b"):
