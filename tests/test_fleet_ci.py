@@ -313,3 +313,26 @@ def test_index_reads_proof_status_and_refuses_non_payloads(tmp_path: Path) -> No
     run = xsbuild("index", "--payloads", str(tmp_path))
     assert run.returncode == 2 and "x.livepatch: not a payload" in run.stderr, run.stderr
     assert not (tmp_path / "index.json").exists()
+
+
+def test_ansible_rollout_passes_syntax_check(tmp_path: Path) -> None:
+    # The full rollout runs in tests/test_fleet_ansible.py (slow); this keeps the playbook and
+    # role parseable in the fast suite.
+    exe = shutil.which("ansible-playbook")
+    if exe is None:
+        pytest.skip("needs ansible-core")
+    inv = tmp_path / "inventory.yml"
+    inv.write_text(yaml.safe_dump({"all": {"children": {"xen_hosts": {"hosts": {
+        "h1": {"ansible_connection": "local"}}}}}}))
+    env = {**os.environ, "ANSIBLE_LOCAL_TEMP": str(tmp_path / ".a"),
+           "ANSIBLE_HOME": str(tmp_path / ".a"), "ANSIBLE_NOCOLOR": "1"}
+    playbook = REPO / "examples/ansible/rollout.yml"
+    run = subprocess.run([exe, "--syntax-check", "-i", str(inv), str(playbook)],
+                         capture_output=True, text=True, check=False, env=env)
+    assert run.returncode == 0, run.stdout + run.stderr
+    broken = tmp_path / "rollout.yml"
+    broken.write_text(playbook.read_text().replace("roles:", "rolez:"))
+    (tmp_path / "roles").symlink_to(REPO / "examples/ansible/roles")
+    run = subprocess.run([exe, "--syntax-check", "-i", str(inv), str(broken)],
+                         capture_output=True, text=True, check=False, env=env)
+    assert run.returncode != 0
