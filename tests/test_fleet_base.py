@@ -212,6 +212,9 @@ def test_build_base_excludes_srcdir(tree: Path, tmp_path: Path) -> None:  # noqa
     run = xsbuild("build", "--base", str(archive), "--srcdir", str(tree), "--patch",
                   str(gamma_patch(tree, tmp_path)), "-o", str(tmp_path / "x.livepatch"))
     assert run.returncode == 2 and "only one of --srcdir, --debian and --base" in run.stderr
+    run = xsbuild("build", "--patch", str(gamma_patch(tree, tmp_path)), "-o",
+                  str(tmp_path / "x.livepatch"))
+    assert run.returncode == 2 and "exactly one of --srcdir, --debian and --base" in run.stderr
 
 
 def test_export_of_unbuilt_tree_refused(tmp_path: Path) -> None:

@@ -336,3 +336,13 @@ def test_ansible_rollout_passes_syntax_check(tmp_path: Path) -> None:
     run = subprocess.run([exe, "--syntax-check", "-i", str(inv), str(broken)],
                          capture_output=True, text=True, check=False, env=env)
     assert run.returncode != 0
+
+
+def test_product_imports_neither_ansible_nor_yaml() -> None:
+    # They are test dependencies only: the CI and rollout engines are the user's.
+    code = ("import sys, xsbuild.cli as c; c._register(); import xsbuild.matrix, xsbuild.index, "
+            "xsbuild.base_archive; bad = [m for m in sys.modules if m.split('.')[0] in "
+            "('ansible', 'yaml')]; assert not bad, bad")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=False)
+    assert run.returncode == 0, run.stderr

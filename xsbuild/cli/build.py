@@ -137,7 +137,7 @@ def _options(srcdir: Path | None, debian_version: str | None, patches: tuple[Pat
              name: str | None, jobs: int, prelink: bool, no_self_check: bool,
              keep_workdir: bool, progress: Callable[[str], None] = _progress) -> BuildOptions:
     if (srcdir is None) == (debian_version is None):
-        raise UsageError("give exactly one of --srcdir and --debian")
+        raise UsageError("give exactly one of --srcdir, --debian and --base")
     if debian_version is not None:
         from xsbuild.debian import debian_base
 
