@@ -217,6 +217,12 @@ def test_build_base_excludes_srcdir(tree: Path, tmp_path: Path) -> None:  # noqa
     assert run.returncode == 2 and "exactly one of --srcdir, --debian and --base" in run.stderr
 
 
+def test_export_into_the_tree_refused(tree: Path, tmp_path: Path) -> None:  # noqa: F811
+    run = xsbuild("base", "export", "--srcdir", str(tree), "-o", str(tree / "b.tar.gz"))
+    assert run.returncode == 2 and "inside the tree it archives" in run.stderr, run.stderr
+    assert not list(tree.glob("*b.tar.gz*"))
+
+
 def test_export_of_unbuilt_tree_refused(tmp_path: Path) -> None:
     (tmp_path / "t/xen").mkdir(parents=True)
     (tmp_path / "t/xen/Rules.mk").write_text("#\n")

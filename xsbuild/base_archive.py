@@ -164,6 +164,8 @@ def export_base(top: Path, output: Path, progress: Progress = lambda _: None) ->
     from xsbuild.xensyms import read_build_id
 
     xen_syms = top / "xen" / "xen-syms"
+    if output.resolve().is_relative_to(top.resolve()):
+        raise UsageError(f"-o {output} is inside the tree it archives; write it elsewhere")
     if not xen_syms.is_file():
         raise UsageError(f"{top} is not a built Xen tree (no xen/xen-syms)")
     index = TreeIndex.load(top / "xen")  # refuses an unbuilt tree, with the reason
