@@ -169,6 +169,16 @@ BAD_ARCHIVES = {
     "escape": (lambda a, b: rewrite(a, b, edit_manifest(lambda doc: doc["entries"].append(UP)),
                                     extra=((member("tree/xen/up", tarfile.SYMTYPE, "../../etc"),
                                             None),)), "points outside the tree"),
+    # Each link stays inside by itself; together they lead out of the tree.
+    "link-chain": (lambda a, b: rewrite(a, b, edit_manifest(lambda doc: doc["entries"].extend([
+        {"path": "xen/c", "type": "symlink", "target": ".."},
+        {"path": "xen/b", "type": "symlink", "target": "c/.."},
+        {"path": "xen/b/evil", "type": "file", "mode": "644", "size": 1,
+         "sha256": hashlib.sha256(b"x").hexdigest()}])),
+        extra=((member("tree/xen/c", tarfile.SYMTYPE, ".."), None),
+               (member("tree/xen/b", tarfile.SYMTYPE, "c/.."), None),
+               (member("tree/xen/b/evil"), b"x"))),
+        "would be written outside the tree"),
     "outside": (lambda a, b: rewrite(a, b, extra=((member("../evil"), b"x"),)),
                 "lies outside tree/"),
     "truncated": (lambda a, b: b.write_bytes(a.read_bytes()[: a.stat().st_size // 2]),

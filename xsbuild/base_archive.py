@@ -292,6 +292,12 @@ def _member_path(name: str, archive: Path) -> str:
 def _extract(tar: tarfile.TarFile, member: tarfile.TarInfo, e: Entry, dest: Path,
              archive: Path) -> None:
     path = dest / e.path
+    # Links are checked one by one (_check_link); a chain of them could still lead out, so the
+    # folder a member is written into must really be inside the tree.
+    parent = path.parent.resolve()
+    if not parent.is_relative_to(dest.resolve()) or not parent.is_dir():
+        raise InputMismatchError(f"{archive}: member {member.name} would be written outside "
+                                 "the tree, or before its folder")
     if e.kind == "dir" and member.isdir():
         path.mkdir(exist_ok=True)
     elif e.kind == "symlink" and member.issym() and member.linkname == e.target:
