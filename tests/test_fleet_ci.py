@@ -346,3 +346,12 @@ def test_product_imports_neither_ansible_nor_yaml() -> None:
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=False)
     assert run.returncode == 0, run.stderr
+
+
+def test_shipped_targets_toml_is_valid(tmp_path: Path) -> None:
+    write_patch(tmp_path / "xsa-1.patch", "--- a/x\n+++ b/x\n")
+    run = matrix(tmp_path, CI / "targets.toml")
+    assert run.returncode == 0, run.stderr
+    doc = json.loads(run.stdout)
+    assert [t["debian"] for t in doc["targets"]] == ["4.17.5+72-g01140da4e8-1"]
+    assert [j["id"] for j in doc["jobs"]] == ["debian-bookworm-4-17/xsa-1"]
