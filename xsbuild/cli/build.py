@@ -35,6 +35,10 @@ def _log_path(output: Path) -> Path:
 @click.option("--debian", "debian_version", metavar="VERSION",
               help="Use Debian's xen VERSION (e.g. 4.17.5+72-g01140da4e8-1): fetch the source "
                    "and -dbg xen-syms, rebuild bit-identically once, cache it.")
+@click.option("--base", "base_archive", metavar="ARCHIVE",
+              type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="Use a base archive (`xsbuild base export`): imported into the cache once, "
+                   "verified; no rebuild.  --xen-syms defaults to the base's.")
 @click.option("--patch", "patches", multiple=True, required=True,
               type=click.Path(dir_okay=False, exists=True, path_type=Path),
               help="Source patch (-p1, from the tree's top or from xen/); repeat for several, "
@@ -63,7 +67,8 @@ def _log_path(output: Path) -> Path:
 @click.option("--json", "as_json", is_flag=True,
               help="Print a JSON summary on stdout (schema xsbuild.build/1).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress lines; only errors and the result.")
-def build_cmd(srcdir: Path | None, debian_version: str | None, patches: tuple[Path, ...],
+def build_cmd(srcdir: Path | None, debian_version: str | None, base_archive: Path | None,
+              patches: tuple[Path, ...],
               xen_syms: Path | None, output: Path, depends: str | None, xen_depends: str | None,
               name: str | None, jobs: int, prelink: bool, no_self_check: bool,
               new_statics: tuple[str, ...], allow_layout_changes: tuple[str, ...],
@@ -74,6 +79,7 @@ def build_cmd(srcdir: Path | None, debian_version: str | None, patches: tuple[Pa
     Examples:
       xsbuild build --srcdir XEN_TREE --patch fix.patch --xen-syms xen-syms -o fix.livepatch
       xsbuild build --debian 4.17.5+72-g01140da4e8-1 --patch fix.patch -o fix.livepatch
+      xsbuild build --base xsbuild-base-BUILD_ID.tar.gz --patch fix.patch -o fix.livepatch
 
     Writes OUTPUT and OUTPUT.log (also when the build fails: the error names it); the source
     tree is never modified.  A patch that changes the layout of a struct or union is refused
@@ -92,6 +98,9 @@ def build_cmd(srcdir: Path | None, debian_version: str | None, patches: tuple[Pa
         raise UsageError(f"--srcdir {srcdir}: does not exist")
     progress = _silent if quiet else _progress
     try:
+        if base_archive is not None:
+            srcdir, xen_syms = _imported_base(srcdir, debian_version, base_archive, xen_syms,
+                                              progress)
         opts = _options(srcdir, debian_version, patches, xen_syms, output, depends, xen_depends,
                         name, jobs, prelink, no_self_check, keep_workdir, progress)
         opts = dataclasses.replace(opts, new_statics=new_statics,
@@ -112,12 +121,23 @@ def build_cmd(srcdir: Path | None, debian_version: str | None, patches: tuple[Pa
                    f"{len(summary.capture.changed)} object(s); log {summary.log}")
 
 
+def _imported_base(srcdir: Path | None, debian_version: str | None, archive: Path,
+                   xen_syms: Path | None, progress: Callable[[str], None]) -> tuple[Path, Path]:
+    """--base ARCHIVE: the cached tree of the archive's hypervisor (see xsbuild.base_archive)."""
+    if srcdir is not None or debian_version is not None:
+        raise UsageError("give only one of --srcdir, --debian and --base")
+    from xsbuild.base_archive import import_base
+
+    top = import_base(archive, progress).top
+    return top, xen_syms or top / "xen" / "xen-syms"
+
+
 def _options(srcdir: Path | None, debian_version: str | None, patches: tuple[Path, ...],
              xen_syms: Path | None, output: Path, depends: str | None, xen_depends: str | None,
              name: str | None, jobs: int, prelink: bool, no_self_check: bool,
              keep_workdir: bool, progress: Callable[[str], None] = _progress) -> BuildOptions:
     if (srcdir is None) == (debian_version is None):
-        raise UsageError("give exactly one of --srcdir and --debian")
+        raise UsageError("give exactly one of --srcdir, --debian and --base")
     if debian_version is not None:
         from xsbuild.debian import debian_base
 
