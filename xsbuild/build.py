@@ -315,23 +315,27 @@ def _describe_unchanged(c: CaptureResult) -> str:
 # Diff, link, check
 
 
+@dataclass(frozen=True, slots=True)
+class DiffOutcome:
+    """What one diff worker found for one object: its summary (``xsbuild.diff/1``) when it
+    changed, else the exception it raised (typed exceptions pickle with their fields)."""
+
+    obj: str
+    summary: dict[str, object] | None = None
+    error: XsbuildError | None = None
+
+
 def _diff_one(obj: str, orig: str, patched: str, out: str,
-              new_statics: tuple[str, ...] = ()) -> tuple[str, str, object]:
-    """Worker: diff one pair.  Returns (obj, kind, payload) rather than raising, because the
-    error classes do not survive pickling with their fields (``problems``)."""
+              new_statics: tuple[str, ...] = ()) -> DiffOutcome:
+    """Worker: diff one pair; an xsbuild error comes back as data, so every object is heard."""
     from xsbuild.diff import diff_files
 
     try:
         result = diff_files(Path(orig), Path(patched), Path(out),
                             allow_new_statics=new_statics)
-    except UnsupportedChangeError as exc:
-        # The differ names its input, a scratch path; the object's tree path says it better.
-        return obj, "refused", [p.replace(f"{patched}: ", "") for p in exc.problems]
-    except NoChangeError as exc:
-        return obj, "no-change", str(exc)
     except XsbuildError as exc:
-        return obj, "error", f"{type(exc).__name__}: {exc}"
-    return obj, result.status, result.to_json()
+        return DiffOutcome(obj, error=exc)
+    return DiffOutcome(obj, summary=result.to_json() if result.status == "changed" else None)
 
 
 def _diff_all(changed: list[CapturedObject], out_dir: Path, jobs: int, log: BuildLog,
@@ -348,25 +352,34 @@ def _diff_all(changed: list[CapturedObject], out_dir: Path, jobs: int, log: Buil
     else:
         with ProcessPoolExecutor(max_workers=min(jobs, len(jobs_args))) as pool:
             results = list(pool.map(_diff_one, *zip(*jobs_args, strict=True)))
-    return _collect_diffs(results, out_dir, log)
+    return _collect_diffs(results, {c.obj: str(c.patched) for c in changed}, out_dir, log)
 
 
-def _collect_diffs(results: list[tuple[str, str, object]], out_dir: Path,
+def _collect_diffs(results: list[DiffOutcome], scratch: dict[str, str], out_dir: Path,
                    log: BuildLog) -> tuple[dict[str, dict[str, object]], list[Path]]:
     diffs: dict[str, dict[str, object]] = {}
     outputs: list[Path] = []
     refused: list[str] = []
     errors: list[str] = []
-    for obj, kind, payload in results:
-        if kind == "refused":
-            refused.extend(f"{obj}: {p}" for p in payload)  # type: ignore[union-attr]
-        elif kind == "error":
-            errors.append(f"{obj}: {payload}")
-        elif kind == "changed":
+    for r in results:
+        kind = "changed"
+        if isinstance(r.error, UnsupportedChangeError):
+            kind = "refused"
+            # The differ names its input, a scratch path; the object's tree path says it better.
+            refused.extend(f"{r.obj}: {p.replace(f'{scratch[r.obj]}: ', '')}"
+                           for p in r.error.problems)
+        elif isinstance(r.error, NoChangeError):
+            kind = "no-change"
+        elif r.error is not None:
+            kind = "error"
+            errors.append(f"{r.obj}: {type(r.error).__name__}: {r.error}")
+        elif r.summary is not None:
             # Name the tree's object, not the scratch file that is gone after the build.
-            diffs[obj] = {**payload, "object": obj}  # type: ignore[dict-item]
-            outputs.append(out_dir / obj)
-        log.note(f"diff {obj}: {kind}", show=kind != "no-change")
+            diffs[r.obj] = {**r.summary, "object": r.obj}
+            outputs.append(out_dir / r.obj)
+        else:
+            kind = "no-change"
+        log.note(f"diff {r.obj}: {kind}", show=kind != "no-change")
     if errors:
         raise UsageError("diff failed: " + "; ".join(errors))
     if refused:
