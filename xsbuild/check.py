@@ -9,11 +9,13 @@ Public interface (used by the CLI, the simulator and ``build``):
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from xsbuild import xen_abi
+from xsbuild.elfraw import RawSection
 from xsbuild.xensyms import XenSymbols, parse_build_id_note
 
 
@@ -98,25 +100,6 @@ class _Stop(Exception):
 
 
 @dataclass(slots=True)
-class _Shdr:
-    index: int
-    name: str
-    type: int
-    flags: int
-    addr: int
-    offset: int
-    size: int
-    link: int
-    info: int
-    addralign: int
-    entsize: int
-
-    @property
-    def alloc(self) -> bool:
-        return bool(self.flags & _SHF_ALLOC)
-
-
-@dataclass(slots=True)
 class _Sym:
     name: str
     info: int
@@ -137,7 +120,7 @@ class _Checker:
         self.loaded = loaded
         self.report = CheckReport(info=None)
         self.info = PayloadInfo()
-        self.shdrs: list[_Shdr] = []
+        self.shdrs: list[RawSection] = []
         self.syms: list[_Sym] = []
         self.symtab_index = 0
 
@@ -212,7 +195,7 @@ class _Checker:
         for i, (_name, stype, flags, addr, offset, size, link, info, align, ent) in \
                 enumerate(raw):
             if i == 0:
-                self.shdrs.append(_Shdr(0, "", 0, 0, 0, 0, 0, 0, 0, 0, 0))
+                self.shdrs.append(RawSection(0, "", 0, 0, 0, 0, 0, 0, 0, 0, 0))
                 continue
             if offset < xen_abi.ELF64_EHDR_SIZE:
                 self.stop(xen_abi.EINVAL, f"section {i} has sh_offset {offset} (< 64)")
@@ -226,7 +209,7 @@ class _Checker:
             if stype == _SHT_NOBITS and flags & (_SHF_WRITE | _SHF_ALLOC) and \
                     size > xen_abi.LIVEPATCH_MAX_SIZE:
                 self.stop(xen_abi.EINVAL, f"NOBITS section {i} larger than 2 MiB")
-            self.shdrs.append(_Shdr(i, "", stype, flags, addr, offset, size, link, info, align,
+            self.shdrs.append(RawSection(i, "", stype, flags, addr, offset, size, link, info, align,
                                     ent))
         symtabs = [s for s in self.shdrs if s.type == _SHT_SYMTAB]
         if len(symtabs) > 1:
@@ -245,9 +228,9 @@ class _Checker:
         for (name, *_rest), sh in zip(raw[1:], self.shdrs[1:], strict=True):
             if name >= len(shstr):
                 self.stop(xen_abi.EINVAL, f"section {sh.index} name out of range")
-            sh.name = _cstr(shstr, name)
+            self.shdrs[sh.index] = dataclasses.replace(sh, name=_cstr(shstr, name))
 
-    def _strtab(self, sh: _Shdr, what: str) -> bytes:
+    def _strtab(self, sh: RawSection, what: str) -> bytes:
         body = self.data[sh.offset:sh.offset + sh.size]
         if sh.type != _SHT_STRTAB or not body or body[0] != 0 or body[-1] != 0:
             self.stop(xen_abi.EINVAL, f"{what} is not a NUL-delimited SHT_STRTAB")
@@ -266,7 +249,7 @@ class _Checker:
     # -- §1.3 ----------------------------------------------------------------------------------
     def check_layout(self) -> None:
         for sh in self.shdrs[1:]:
-            if not sh.alloc:
+            if not sh.is_alloc:
                 continue
             if sh.flags & _SHF_WRITE and sh.flags & _SHF_EXEC:
                 self.fail(xen_abi.EOPNOTSUPP, f"section {sh.name} is both writable and "
@@ -309,7 +292,7 @@ class _Checker:
         for sh in self.shdrs[1:]:
             if sh.type not in (_SHT_RELA, _SHT_REL):
                 continue
-            if sh.info >= self.e_shnum or not self.shdrs[sh.info].alloc or not sh.size:
+            if sh.info >= self.e_shnum or not self.shdrs[sh.info].is_alloc or not sh.size:
                 continue
             target = self.shdrs[sh.info]
             if sh.type == _SHT_REL:
@@ -328,7 +311,7 @@ class _Checker:
                 self._check_reloc(sh, target, r_offset, r_info >> 32, r_info & 0xFFFFFFFF,
                                   r_addend)
 
-    def _check_reloc(self, sh: _Shdr, target: _Shdr, r_offset: int, symi: int, rtype: int,
+    def _check_reloc(self, sh: RawSection, target: RawSection, r_offset: int, symi: int, rtype: int,
                      addend: int) -> None:
         where = f"{sh.name}+{r_offset:#x}"
         if symi == 0:
@@ -343,7 +326,7 @@ class _Checker:
                       f"{xen_abi.reloc_type_name(rtype)} against {sym.name or 'a section'}")
             return
         if 0 < sym.shndx < _SHN_LORESERVE and sym.shndx < self.e_shnum and \
-                not self.shdrs[sym.shndx].alloc:
+                not self.shdrs[sym.shndx].is_alloc:
             self.fail(xen_abi.EINVAL, f"{where}: relocation against {sym.name or 'section'} in "
                       "a section that is not loaded")
             return
@@ -363,10 +346,10 @@ class _Checker:
         return x.addr if x is not None else 0
 
     # -- §1.4, §1.6 ----------------------------------------------------------------------------
-    def section(self, name: str) -> _Shdr | None:
+    def section(self, name: str) -> RawSection | None:
         return next((s for s in self.shdrs[1:] if s.name == name), None)
 
-    def body(self, sh: _Shdr) -> bytes:
+    def body(self, sh: RawSection) -> bytes:
         return b"" if sh.type == _SHT_NOBITS else self.data[sh.offset:sh.offset + sh.size]
 
     def check_notes(self) -> None:
@@ -377,7 +360,7 @@ class _Checker:
             if sh is None or not sh.size:
                 self.fail(xen_abi.EINVAL, f"{name} is missing or empty")
                 continue
-            if not sh.alloc:
+            if not sh.is_alloc:
                 self.fail(xen_abi.EINVAL, f"{name} is not SHF_ALLOC (Xen reads it in memory)")
             desc = parse_build_id_note(self.body(sh))
             if not desc:
@@ -394,7 +377,7 @@ class _Checker:
                 self.fail(xen_abi.EINVAL, f"{s.name} is present but empty")
 
     # -- §1.5 ----------------------------------------------------------------------------------
-    def _relocs_of(self, target: _Shdr) -> dict[int, tuple[_Sym, int, int]]:
+    def _relocs_of(self, target: RawSection) -> dict[int, tuple[_Sym, int, int]]:
         out: dict[int, tuple[_Sym, int, int]] = {}
         for sh in self.shdrs[1:]:
             if sh.type == _SHT_RELA and sh.info == target.index and sh.entsize:
@@ -538,7 +521,7 @@ class _Checker:
             return False
         sh = self.shdrs[sym.shndx]
         start = sym.value + addend
-        return bool(sh.flags & _SHF_EXEC) and sh.alloc and start >= 0 and \
+        return bool(sh.flags & _SHF_EXEC) and sh.is_alloc and start >= 0 and \
             start + length <= sh.size
 
     # -- build-ids and new symbols (§1.6, §1.7) ------------------------------------------------
@@ -558,7 +541,7 @@ class _Checker:
             if not s.name or not 0 < s.shndx < self.e_shnum:
                 continue
             sh = self.shdrs[s.shndx]
-            if not sh.alloc or (s.name.startswith(".L") and sh.flags & _SHF_MERGE):
+            if not sh.is_alloc or (s.name.startswith(".L") and sh.flags & _SHF_MERGE):
                 continue
             if (s.info & 0xF) == 3:  # section symbols have no name in practice
                 continue
@@ -572,7 +555,7 @@ class _Checker:
                           "it")
 
     def safe_to_reapply(self) -> bool:
-        writable = [s for s in self.shdrs[1:] if s.alloc and s.flags & _SHF_WRITE and s.size]
+        writable = [s for s in self.shdrs[1:] if s.is_alloc and s.flags & _SHF_WRITE and s.size]
         return not writable or (len(writable) == 1 and writable[0].name == xen_abi.SEC_FUNCS)
 
 

@@ -61,6 +61,10 @@ class RawSection:
     def is_nobits(self) -> bool:
         return self.type == SHT_NOBITS
 
+    @property
+    def is_alloc(self) -> bool:
+        return bool(self.flags & 0x2)  # SHF_ALLOC
+
 
 @dataclass(frozen=True, slots=True)
 class RawSymbol:
