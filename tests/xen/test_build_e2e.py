@@ -317,6 +317,6 @@ def check_singles(result: BootResult, extra0: str, chg0: str, date0: str, why: s
     assert lines(result, "s10-obs") == [extra0 + "-xsb-hooks"], why
     assert lines(result, "s11-obs") == ["xsb-inline", "xsb-inline"], why
     assert lines(result, "s12-obs") == ["xsb-new-file"], why
-    assert lines(result, "s16-obs") == ["xsb-table debug=n"], why
+    assert lines(result, "s16-obs") == ["xsb-tbl debug=n"], why
     for stem in OBSERVE:  # every revert restores the original behaviour
         assert lines(result, f"s{stem}-after") == [extra0, chg0, date0], (stem, why)
