@@ -305,6 +305,7 @@ class _Field:
     pc_relative: bool  # branch displacement or RIP-relative displacement
     target: int  # as decoded (absolute, or section offset for relocatable code)
     operand_size: int  # bytes a memory operand reads (0: the address itself is used)
+    maybe_constant: bool = False  # a 64-bit immediate: an address only if it points at one
 
 
 def _insns(code: bytes, base: int) -> Iterable[tuple[object, list[_Field]]]:
@@ -324,7 +325,7 @@ def _insns(code: bytes, base: int) -> Iterable[tuple[object, list[_Field]]]:
                 fields.append(_Field(insn.imm_offset, insn.imm_size, True,
                                      op.imm & (2**64 - 1), 0))
             elif op.type == x86.X86_OP_IMM and insn.imm_size == 8:
-                fields.append(_Field(insn.imm_offset, 8, False, op.imm & (2**64 - 1), 0))
+                fields.append(_Field(insn.imm_offset, 8, False, op.imm & (2**64 - 1), 0, True))
         yield insn, fields
 
 
@@ -517,7 +518,9 @@ def linked_unit(image: LinkedImage, name: str) -> Unit | None:
 def _linked_insns(image: LinkedImage, addr: int, code: bytes, frags: _Fragments,
                   origin: int, *, fragment: bool = False) -> list[NInsn]:
     out: list[NInsn] = []
-    for insn, fields in _insns(code, addr):
+    for insn, found in _insns(code, addr):
+        fields = [f for f in found
+                  if not f.maybe_constant or image.section_at(f.target) is not None]
         refs = [image.target_ref(f.target, f.operand_size, frags) for f in fields]
         raw = bytes(insn.bytes)  # type: ignore[attr-defined]
         masked = _mask(raw, ((f.at, f.size) for f in fields))
@@ -675,10 +678,11 @@ def _payload_insns(sec: Section, start: int, size: int, frags: _Fragments, origi
     code = bytes(sec.data[start:start + size])
     relocs = {r.offset: r for r in sec.relocs if start <= r.offset < start + size}
     out: list[NInsn] = []
-    for insn, fields in _insns(code, start):
+    for insn, found in _insns(code, start):
         addr, length = insn.address, insn.size  # type: ignore[attr-defined]
         spans, refs = [], []
-        by_at = {f.at: f for f in fields}
+        # A 64-bit immediate is an address only when relocated.
+        by_at = {f.at: f for f in found if not f.maybe_constant or addr + f.at in relocs}
         inside = sorted(off - addr for off in relocs if addr <= off < addr + length)
         for at in sorted(set(by_at) | set(inside)):
             f = by_at.get(at)
@@ -766,7 +770,7 @@ def _payload_entry(sec: Section, off: int, typ: int, func: Symbol, frags: _Fragm
     if typ == 3:
         refs_l.append(_bug_ref(_reloc_at(sec, off + 12), 12, frags))
     line = ((_bug_line_bits(loc_r.addend & 0xFFFFFFFF) if loc_r else 0) << 8) | (
-        _bug_line_bits((ptr_r.addend - 4) & 0xFFFFFFFF) if ptr_r else 0)
+        _bug_line_bits(ptr_r.addend & 0xFFFFFFFF) if ptr_r else 0)
     return Entry(DiffKind.BUG_FRAME, site, (f"type={typ}",), tuple(refs_l), line=line)
 
 
@@ -797,12 +801,21 @@ def prove_images(payload: PayloadImage, patched: LinkedImage, orig: LinkedImage,
                          f"the base {orig.build_id.hex()}")
         return report
     by_id = {id(s): n for n, s in payload.replaced.items()}
+    units = {by_id.get(id(sym), name): (sym, payload_unit(payload, sym,
+                                                          by_id.get(id(sym), name)))
+             for name, sym in payload.functions.items()}
     carried: set[str] = set()
-    for name, sym in sorted(payload.functions.items()):
-        target = by_id.get(id(sym), name)
-        carried.add(target)
+    for target, (sym, mine) in sorted(units.items()):
         proof = FunctionProof(target, "replaced" if id(sym) in by_id else "new")
-        mine = payload_unit(payload, sym, target)
+        if proof.role == "replaced" or target not in orig.functions or _cold_part_of(
+                target, by_id.values()):
+            carried.add(target)
+        else:
+            # Hypervisor code that calls the function keeps calling the original: a changed
+            # function must be replaced, a copy is not enough.  Only a .cold part is reached
+            # from its parent alone, so a new copy of it serves the replaced parent.
+            report.notes.append(f"{target}: the payload's copy does not replace the "
+                                "hypervisor's function of that name (not in .livepatch.funcs)")
         proof.instructions, proof.fragments = len(mine.insns), len(mine.fragments)
         for kind, attr in ((DiffKind.ALTERNATIVE, "alternatives"), (DiffKind.EX_TABLE,
                            "ex_table"), (DiffKind.BUG_FRAME, "bug_frames")):
@@ -823,6 +836,12 @@ def prove_images(payload: PayloadImage, patched: LinkedImage, orig: LinkedImage,
                     if n in payload.replaced]
     report.decide()
     return report
+
+
+def _cold_part_of(name: str, replaced: Iterable[str]) -> bool:
+    """``foo.cold`` (gcc's split-off unlikely path) of a replaced ``foo``."""
+    parent, dot, suffix = name.rpartition(".cold")
+    return bool(dot) and suffix.strip(".0123456789") == "" and parent in set(replaced)
 
 
 def _register_sections(elf: Elf) -> None:
