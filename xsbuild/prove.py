@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import bisect
 import io
+import re
 import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -38,7 +39,6 @@ from pathlib import Path
 
 from xsbuild import xen_abi
 from xsbuild.elf import STT_FUNC, STT_OBJECT, STT_SECTION, Elf, Reloc, Section, Symbol, read_elf
-from xsbuild.errors import UsageError
 from xsbuild.xensyms import XenSymbols, parse_build_id_note
 
 PROOF_SCHEMA = "xsbuild.prove/1"
@@ -47,6 +47,7 @@ _MAX_STRING = 256  # bytes of a string literal compared (up to its NUL)
 _PC_RELATIVE = frozenset({xen_abi.R_X86_64_PC32, xen_abi.R_X86_64_PLT32})
 _TERMINATORS = frozenset({"jmp", "ret", "ud2", "int3", "hlt"})
 _MAX_REPORTED = 200  # differences listed per proof (the count is always exact)
+_LP_SUFFIX = re.compile(r"\.lp\d*$")  # xsbuild.linker.rename_clashes' suffix
 
 
 class Verdict(StrEnum):
@@ -185,9 +186,19 @@ class NInsn:
     masked: bytes  # the encoding with every address field zeroed
     refs: tuple[Ref, ...]
 
-    def same_as(self, other: NInsn) -> bool:
-        return self.masked == other.masked and len(self.refs) == len(other.refs) and all(
-            set(a) & set(b) for a, b in zip(self.refs, other.refs, strict=True))
+    def same_as(self, other: NInsn, *, exact: bool = False) -> bool:
+        """Same encoding, and each field designates the same thing: one of the names the
+        linked side offers (payload against hypervisor) or, ``exact``, all of them (two
+        hypervisors: an end-of-object name and the literal after it must both agree)."""
+        return self.masked == other.masked and _refs_match(self.refs, other.refs, exact)
+
+
+def _refs_match(a: tuple[Ref, ...], b: tuple[Ref, ...], exact: bool) -> bool:
+    if len(a) != len(b):
+        return False
+    if exact:
+        return a == b
+    return all(set(x) & set(y) for x, y in zip(a, b, strict=True))
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,13 +224,13 @@ class Entry:
             parts.append(f"[{code}]")
         return " ".join(p for p in parts if p)
 
-    def same_as(self, other: Entry, *, lines: bool) -> bool:
+    def same_as(self, other: Entry, *, lines: bool, exact: bool = False) -> bool:
         return (self.kind == other.kind and self.offset == other.offset
                 and self.fields == other.fields and (not lines or self.line == other.line)
-                and len(self.refs) == len(other.refs)
-                and all(set(a) & set(b) for a, b in zip(self.refs, other.refs, strict=True))
+                and _refs_match(self.refs, other.refs, exact)
                 and len(self.code) == len(other.code)
-                and all(a.same_as(b) for a, b in zip(self.code, other.code, strict=True)))
+                and all(a.same_as(b, exact=exact)
+                        for a, b in zip(self.code, other.code, strict=True)))
 
 
 @dataclass(slots=True)
@@ -232,18 +243,18 @@ class Unit:
     entries: list[Entry]
 
 
-def compare_units(a: Unit, b: Unit, *, lines: bool = True, first_only: bool = True
-                  ) -> list[Difference]:
+def compare_units(a: Unit, b: Unit, *, lines: bool = True, exact: bool = False,
+                  first_only: bool = True) -> list[Difference]:
     """Differences of ``a`` (payload or original) against ``b`` (patched hypervisor)."""
-    out = _compare_insns(a.name, a.insns, b.insns, DiffKind.CODE, "")
+    out = _compare_insns(a.name, a.insns, b.insns, DiffKind.CODE, "", exact)
     for k in range(max(len(a.fragments), len(b.fragments))):
         fa = a.fragments[k] if k < len(a.fragments) else []
         fb = b.fragments[k] if k < len(b.fragments) else []
-        out += _compare_insns(a.name, fa, fb, DiffKind.FRAGMENT, f"unnamed code #{k}")
+        out += _compare_insns(a.name, fa, fb, DiffKind.FRAGMENT, f"unnamed code #{k}", exact)
     ea = sorted(a.entries, key=_entry_order)
     eb = sorted(b.entries, key=_entry_order)
     for x, y in _pair_entries(ea, eb):
-        if x is not None and y is not None and x.same_as(y, lines=lines):
+        if x is not None and y is not None and x.same_as(y, lines=lines, exact=exact):
             continue
         ref = x or y
         assert ref is not None
@@ -269,9 +280,9 @@ def _pair_entries(a: list[Entry], b: list[Entry]) -> Iterable[tuple[Entry | None
 
 
 def _compare_insns(name: str, a: list[NInsn], b: list[NInsn], kind: DiffKind,
-                   detail: str) -> list[Difference]:
+                   detail: str, exact: bool) -> list[Difference]:
     for x, y in zip(a, b, strict=False):
-        if not x.same_as(y):
+        if not x.same_as(y, exact=exact):
             return [Difference(kind, name, x.offset, x.text, y.text, detail)]
     if len(a) != len(b):
         longer = a if len(a) > len(b) else b
@@ -415,16 +426,19 @@ class LinkedImage:
         sec = self.section_at(addr)
         return sec is not None and sec.name.startswith(".init")
 
-    def _sym(self, name: str) -> int:
-        sym = self.syms.lookup(name)
-        if sym is None:
-            raise UsageError(f"{self.path}: no symbol {name} (not a Xen 4.17 x86 xen-syms?)")
-        return sym.addr
+    def _range(self, start: str, stop: str, section: str) -> tuple[int, int]:
+        """Where one special section's entries lie: between the linker script's start/stop
+        symbols (xen-syms merges them into .rodata/.data), else the output section of that
+        name (a plain ``ld`` link keeps it), else nowhere."""
+        first, last = self.syms.lookup(start), self.syms.lookup(stop)
+        if first is not None and last is not None:
+            return first.addr, last.addr
+        sec = next((s for s in self.sections if s.name == section), None)
+        return (sec.addr, sec.addr + len(sec.data)) if sec is not None else (0, 0)
 
     def entries_for(self, func: str) -> list[tuple[str, int, int]]:
         """(kind, entry address, bug-frame type) of every special entry whose site is in
-        ``func``, found through the linker's start/stop symbols (xen-syms has no separate
-        ``.altinstructions``/``.ex_table``/``.bug_frames`` sections)."""
+        ``func``."""
         if self._entries is None:
             self._entries = {}
             for kind, addr, typ, site in self._all_entries():
@@ -434,19 +448,21 @@ class LinkedImage:
         return self._entries.get(func, [])
 
     def _all_entries(self) -> Iterable[tuple[str, int, int, int]]:
-        start, end = self._sym("__alt_instructions"), self._sym("__alt_instructions_end")
+        start, end = self._range("__alt_instructions", "__alt_instructions_end",
+                                 xen_abi.SEC_ALTINSTRUCTIONS)
         for addr in range(start, end, xen_abi.ALT_INSTR_SIZE):
             (off,) = struct.unpack("<i", self.read(addr, 4))
             yield "alt", addr, 0, addr + off
-        start, end = self._sym("__start___ex_table"), self._sym("__stop___ex_table")
+        start, end = self._range("__start___ex_table", "__stop___ex_table",
+                                 xen_abi.SEC_EX_TABLE)
         for addr in range(start, end, xen_abi.EX_TABLE_ENTRY_SIZE):
             (off,) = struct.unpack("<i", self.read(addr, 4))
             yield "ex", addr, 0, addr + off
-        bounds = [self._sym("__start_bug_frames")] + [
-            self._sym(f"__stop_bug_frames_{n}") for n in range(len(xen_abi.BUG_FRAME_SECTIONS))]
-        for typ in range(len(xen_abi.BUG_FRAME_SECTIONS)):
-            step = xen_abi.special_entry_size(xen_abi.BUG_FRAME_SECTIONS[typ])
-            for addr in range(bounds[typ], bounds[typ + 1], step):
+        starts = ["__start_bug_frames"] + [f"__stop_bug_frames_{n}" for n in range(3)]
+        for typ, section in enumerate(xen_abi.BUG_FRAME_SECTIONS):
+            step = xen_abi.special_entry_size(section)
+            start, end = self._range(starts[typ], f"__stop_bug_frames_{typ}", section)
+            for addr in range(start, end, step):
                 (value,) = struct.unpack("<I", self.read(addr, 4))
                 yield "bug", addr, typ, addr + _bug_disp(value)
 
@@ -461,12 +477,13 @@ class LinkedImage:
         if ended is not None and (sym is None or sym.size == 0):
             names.append(_with_offset(ended[0], ended[1]))
         sec = self.section_at(addr)
-        if names and (sym is None or sym.size or sec is None or sec.executable):
+        if sym is not None and sym.size:  # inside a sized symbol: that is what it is
             return tuple(names)
         if sec is None:
             return tuple(names) or (f"abs:{addr:#x}",)
         if sec.executable:
-            return frags.ref(("x", addr))
+            return tuple(names) or frags.ref(("x", addr))
+        # a label or the end of an object: the payload side may see a literal there
         return tuple(names) + _data_ref(sec.data[addr - sec.addr:], operand_size)
 
     def _ends(self) -> dict[int, tuple[str, int]]:
@@ -572,10 +589,15 @@ def _linked_entry(image: LinkedImage, kind: str, addr: int, typ: int, func_addr:
 
 
 def xen_name(sym: Symbol) -> str:
-    """The name a payload symbol has in the hypervisor's table: statics as ``file#name``."""
-    if sym.sec is None or "#" in sym.name or not sym.is_local or not sym.file:
+    """The name a payload symbol has in the patched hypervisor's table: statics as
+    ``file#name``; a payload-local copy the linker renamed so as not to clash with the
+    hypervisor's (``foo.cold.lp``, ``foo.lp2``) by the name it copies."""
+    if sym.sec is None:
         return sym.name
-    return f"{sym.file}#{sym.name}"
+    name = _LP_SUFFIX.sub("", sym.name)
+    if "#" in name or not sym.is_local or not sym.file:
+        return name
+    return f"{sym.file}#{name}"
 
 
 def _owner(sec: Section, offset: int) -> Symbol | None:
@@ -829,6 +851,10 @@ def prove_images(payload: PayloadImage, patched: LinkedImage, orig: LinkedImage,
     for name in sorted(set(payload.replaced) - carried):
         report.notes.append(f"{name}: replaced by a symbol that is not a payload function")
     changed = changed_functions(orig, patched, candidates)
+    for name in list(changed):  # a changed .cold part is reached only through its parent,
+        parent = _cold_parent(name, patched)  # which must be replaced to reach the new one
+        if parent is not None and parent not in changed:
+            changed[parent] = f"its unlikely path {name} changed"
     report.changed_in_xen = sorted(changed)
     report.missing = [Difference(DiffKind.MISSING, n, detail=changed[n])
                       for n in sorted(set(changed) - carried)]
@@ -839,9 +865,22 @@ def prove_images(payload: PayloadImage, patched: LinkedImage, orig: LinkedImage,
 
 
 def _cold_part_of(name: str, replaced: Iterable[str]) -> bool:
-    """``foo.cold`` (gcc's split-off unlikely path) of a replaced ``foo``."""
+    """``foo.cold`` (gcc's split-off unlikely path) of a replaced ``foo`` (the parent may be
+    global, the part is always local: compared without the ``file#``)."""
     parent, dot, suffix = name.rpartition(".cold")
-    return bool(dot) and suffix.strip(".0123456789") == "" and parent in set(replaced)
+    bare = {r.rpartition("#")[2] for r in replaced}
+    return bool(dot) and suffix.strip(".0123456789") == "" and (
+        parent in set(replaced) or parent.rpartition("#")[2] in bare)
+
+
+def _cold_parent(name: str, image: LinkedImage) -> str | None:
+    parent, dot, suffix = name.rpartition(".cold")
+    if not dot or suffix.strip(".0123456789"):
+        return None
+    for cand in (parent, parent.rpartition("#")[2]):
+        if cand in image.functions:
+            return cand
+    return None
 
 
 def _register_sections(elf: Elf) -> None:
@@ -869,7 +908,7 @@ def changed_functions(orig: LinkedImage, patched: LinkedImage,
             continue
         a, b = linked_unit(orig, name), linked_unit(patched, name)
         assert a is not None and b is not None
-        diffs = compare_units(a, b, lines=False)
+        diffs = compare_units(a, b, lines=False, exact=True)
         if diffs:
             d = diffs[0]
             at = f" at +{d.offset:#x}" if d.offset is not None else ""

@@ -80,7 +80,7 @@ def prove_cmd(payload: Path, srcdir: Path, patches: tuple[Path, ...], xen_syms: 
 
 def emit_report(report: object, fmt: str, output: Path | None) -> None:
     """Write the proof, then exit with its verdict's code (0 proven, 1, 2)."""
-    from xsbuild.prove import ProofReport, Verdict, report_html, report_text
+    from xsbuild.prove import ProofReport, report_html, report_text
 
     assert isinstance(report, ProofReport)
     if fmt == "json":
@@ -98,15 +98,24 @@ def emit_report(report: object, fmt: str, output: Path | None) -> None:
             write_atomic(output, text.encode())
         except OSError as exc:
             raise UsageError(f"{output}: cannot write: {exc.strerror or exc}") from exc
-    if report.verdict is Verdict.CANNOT_JUDGE:
-        exc: XsbuildError = CannotJudgeError(f"{report.payload}: cannot judge: {report.reason}")
-    elif report.verdict is Verdict.NOT_PROVEN:
-        first = report.differences()[0].describe()
-        more = len(report.differences()) - 1
-        exc = NotProvenError(f"{report.payload}: not proven: {first}"
-                             + (f" (and {more} more)" if more else ""))
-    else:
+    exc = verdict_error(report)
+    if exc is None:
         return
     if fmt == "json" and output is None:
         exc.json_reported = True  # type: ignore[attr-defined]
     raise exc
+
+
+def verdict_error(report: object) -> XsbuildError | None:
+    """The one-line error (exit 1 or 2) of a proof that did not prove; None if proven."""
+    from xsbuild.prove import ProofReport, Verdict
+
+    assert isinstance(report, ProofReport)
+    if report.verdict is Verdict.CANNOT_JUDGE:
+        return CannotJudgeError(f"{report.payload}: cannot judge: {report.reason}")
+    if report.verdict is Verdict.NOT_PROVEN:
+        first = report.differences()[0].describe()
+        more = len(report.differences()) - 1
+        return NotProvenError(f"{report.payload}: not proven: {first}"
+                              + (f" (and {more} more)" if more else ""))
+    return None
