@@ -226,3 +226,37 @@ def test_fixture_mutation_replacement_dropped(special: Built, tmp_path: Path) ->
     missing = [d.function for d in report.missing]
     assert report.verdict is Verdict.NOT_PROVEN and len(missing) == 1
     assert missing[0] in {name for name, _sym in dropped}
+
+
+def test_proof_json_schema_and_inspect_html(special: Built, tmp_path: Path) -> None:
+    import json
+
+    import jsonschema
+
+    schema = json.loads((Path(__file__).resolve().parent.parent / "docs" / "json-schema"
+                         / "xsbuild.prove-1.schema.json").read_text())
+    good = prove(special).to_json()
+    bad = mutate(special, tmp_path, _flip_cpuid).to_json()
+    for doc in (good, bad):
+        jsonschema.validate(doc, schema)
+    assert bad["verdict"] == "not-proven" and bad["difference_count"] >= 1
+    for name, doc, needle in (("good", good, "the same as <span class=\"mono\">traps_fence"),
+                              ("bad", bad, "alternative: traps_fence+0x")):
+        proof = tmp_path / f"{name}.json"
+        proof.write_text(json.dumps(doc))
+        html = tmp_path / f"{name}.html"
+        proc = xsbuild("inspect", special.payload, "--format", "html", "--proof", proof,
+                       "-o", html)
+        assert proc.returncode == 0, proc.stderr
+        assert needle in html.read_text()
+    proc = xsbuild("inspect", special.payload, "--format", "html", "--proof", special.payload)
+    assert proc.returncode == 2 and "not a JSON proof" in proc.stderr
+
+
+def _flip_cpuid(elf: Elf) -> None:
+    sec = elf.section(xen_abi.SEC_ALTINSTRUCTIONS)
+    assert sec is not None
+    data = bytearray(sec.data)
+    (cpuid,) = struct.unpack_from("<H", data, 8)
+    struct.pack_into("<H", data, 8, cpuid ^ 1)
+    sec.data = bytes(data)
