@@ -61,6 +61,11 @@ def header_args(patch: Path) -> list[str]:
     return []
 
 
+def touched_files(patch: Path) -> list[str]:
+    return [line.split()[1].removeprefix("b/") for line in patch.read_text().splitlines()
+            if line.startswith("+++ ")]
+
+
 def xsbuild(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "xsbuild", *args], capture_output=True,
                           text=True, check=False)
@@ -87,6 +92,13 @@ def scenario(debian_tree: DebianTree, tmp_path_factory: pytest.TempPathFactory
                       *header_args(patch))
         assert run.returncode == 0, run.stderr
         built = build_patched(debian_tree.source_top, (patch,))
+        # the private copy is back at the base: the patch reversed, no marker left
+        assert not (built.copy / "xsbuild-prove.applied").exists()
+        for rel in touched_files(patch):
+            base_file, copy_file = debian_tree.source_top / rel, built.copy / rel
+            assert copy_file.exists() == base_file.exists(), rel
+            if base_file.exists():
+                assert copy_file.read_bytes() == base_file.read_bytes(), rel
         (out / f"{stem}.xen-syms").write_bytes(built.xen_syms)
         candidates: set[str] = set()
         for obj in built.rebuilt_objects:

@@ -23,6 +23,16 @@ mode: ``disp_offset``/``imm_offset``) plus what each field points at:
 Code no symbol covers but a branch reaches (``.fixup``, replacement code) is followed and
 compared as numbered fragments.  Alternatives, exception-table entries and bug frames whose
 patch site lies in a function are part of that function's normal form.
+
+Completeness looks at the functions of the objects the patched build's make rewrote (no other
+function can change), init code excluded, bug-frame line numbers aside (the differ does not
+carry a function whose only change is the line its WARN/BUG reports).  A changed ``foo.cold``
+needs ``foo`` replaced (only ``foo`` reaches it); a new copy of it serves.
+
+Known limits: a static local the patched build renumbers (``count.0`` -> ``count.1``) while the
+payload keeps using the running hypervisor's (its state carries over) is reported as a
+difference; functions the author told the differ to ignore (``.livepatch.ignore.*``) are
+reported missing, which they are.
 """
 
 from __future__ import annotations
@@ -246,11 +256,9 @@ class Unit:
 def compare_units(a: Unit, b: Unit, *, lines: bool = True, exact: bool = False,
                   first_only: bool = True) -> list[Difference]:
     """Differences of ``a`` (payload or original) against ``b`` (patched hypervisor)."""
+    # Code, then entries, then the unnamed code both reach: a wrong target shows where it is
+    # written, not as the fragment it makes differ.
     out = _compare_insns(a.name, a.insns, b.insns, DiffKind.CODE, "", exact)
-    for k in range(max(len(a.fragments), len(b.fragments))):
-        fa = a.fragments[k] if k < len(a.fragments) else []
-        fb = b.fragments[k] if k < len(b.fragments) else []
-        out += _compare_insns(a.name, fa, fb, DiffKind.FRAGMENT, f"unnamed code #{k}", exact)
     ea = sorted(a.entries, key=_entry_order)
     eb = sorted(b.entries, key=_entry_order)
     for x, y in _pair_entries(ea, eb):
@@ -260,6 +268,10 @@ def compare_units(a: Unit, b: Unit, *, lines: bool = True, exact: bool = False,
         assert ref is not None
         out.append(Difference(ref.kind, a.name, ref.offset, x.text() if x else "",
                               y.text() if y else ""))
+    for k in range(max(len(a.fragments), len(b.fragments))):
+        fa = a.fragments[k] if k < len(a.fragments) else []
+        fb = b.fragments[k] if k < len(b.fragments) else []
+        out += _compare_insns(a.name, fa, fb, DiffKind.FRAGMENT, f"unnamed code #{k}", exact)
     return out[:1] if first_only and out else out
 
 
