@@ -49,7 +49,7 @@ from pathlib import Path
 
 from xsbuild import xen_abi
 from xsbuild.elf import STT_FUNC, STT_OBJECT, STT_SECTION, Elf, Reloc, Section, Symbol, read_elf
-from xsbuild.xensyms import XenSymbols, parse_build_id_note
+from xsbuild.xensyms import XenSymbols, parse_build_id_note, read_build_id
 
 PROOF_SCHEMA = "xsbuild.prove/1"
 _MAX_FRAGMENT = 64  # instructions followed in one fragment of unnamed code
@@ -959,7 +959,7 @@ def prove_payload(opts: ProveOptions, progress: Callable[[str], None] = lambda _
     base = _base_tree(opts.srcdir, opts.jobs, progress)
     orig = LinkedImage(opts.xen_syms or base / "xen" / "xen-syms")
     base_image = base / "xen" / "xen-syms"
-    base_id = orig.build_id if opts.xen_syms is None else XenSymbols.load(base_image).build_id
+    base_id = orig.build_id if opts.xen_syms is None else read_build_id(base_image)
     if base_id != orig.build_id:
         report.reason = (f"--xen-syms {opts.xen_syms} has build-id {orig.build_id.hex()} but "
                          f"the tree {base} built {base_id.hex()}")
