@@ -45,10 +45,6 @@ PROVABLE = [d for d in SCENARIO_DIRS
 # The author told the differ to leave these out (livepatch ignore annotations): the patched
 # hypervisor differs in them, the payload does not carry them, and the proof must say so.
 LEFT_OUT = {"ignore_function": "sched_runs", "ignore_section": "sched_runs"}
-# The differ binds the patched code to the running hypervisor's static local (its state carries
-# over) while the patched build renumbers it (lookups.0 -> lookups.1): the prover does not
-# correlate renumbered statics yet, so it cannot prove these payloads.
-RENUMBERED = {"static_local_renumber", "static_local_new_allowed"}
 
 
 def stable_file(name: str) -> tuple[str, ...]:
@@ -114,8 +110,6 @@ def prove(b: Built, path: Path | None = None) -> ProofReport:
 @pytest.mark.parametrize("directory", PROVABLE, ids=[d.name for d in PROVABLE])
 def test_fixture_payload_proven(directory: Path, toolchain: Toolchain,
                                 orig_fixture_image: Image, tmp_path: Path) -> None:
-    if directory.name in RENUMBERED:
-        pytest.xfail("renumbered static locals are not correlated by the prover yet")
     b = build(directory, toolchain, orig_fixture_image, tmp_path)
     report = prove(b)
     if directory.name in LEFT_OUT:

@@ -29,10 +29,10 @@ function can change), init code excluded, bug-frame line numbers aside (the diff
 carry a function whose only change is the line its WARN/BUG reports).  A changed ``foo.cold``
 needs ``foo`` replaced (only ``foo`` reaches it); a new copy of it serves.
 
-Known limits: a static local the patched build renumbers (``count.0`` -> ``count.1``) while the
-payload keeps using the running hypervisor's (its state carries over) is reported as a
-difference; functions the author told the differ to ignore (``.livepatch.ignore.*``) are
-reported missing, which they are.
+A static local the patched build renumbers (``count.0`` -> ``count.1``) while the payload keeps
+using the running hypervisor's (its state carries over) is matched by position
+(:func:`static_aliases`).  Functions the author told the differ to ignore
+(``.livepatch.ignore.*``) are reported missing, which they are.
 """
 
 from __future__ import annotations
@@ -419,6 +419,8 @@ class LinkedImage:
         self.functions = {n: s for n, s in self.syms.by_name.items() if s.is_func}
         self._entries: dict[str, list[tuple[str, int, int]]] | None = None
         self._by_end: dict[int, tuple[str, int]] | None = None
+        # patched static local -> the original's it continues (see static_aliases)
+        self.aliases: dict[str, str] = {}
 
     def section_at(self, addr: int) -> _LinkedSection | None:
         i = bisect.bisect_right(self._starts, addr) - 1
@@ -484,7 +486,7 @@ class LinkedImage:
         names: list[str] = []
         sym = self.syms.symbol_at(addr)
         if sym is not None:
-            names.append(_with_offset(sym.name, addr - sym.addr))
+            names.append(_with_offset(self.aliases.get(sym.name, sym.name), addr - sym.addr))
         ended = self._ends().get(addr)
         if ended is not None and (sym is None or sym.size == 0):
             names.append(_with_offset(ended[0], ended[1]))
@@ -834,6 +836,10 @@ def prove_images(payload: PayloadImage, patched: LinkedImage, orig: LinkedImage,
         report.reason = (f"the payload is for the hypervisor {payload.xen_depends.hex()}, not "
                          f"the base {orig.build_id.hex()}")
         return report
+    patched.aliases = static_aliases(orig, patched)
+    if patched.aliases:
+        report.notes.append("renumbered static locals taken as the original's: " + ", ".join(
+            f"{new} = {old}" for new, old in sorted(patched.aliases.items())))
     by_id = {id(s): n for n, s in payload.replaced.items()}
     units = {by_id.get(id(sym), name): (sym, payload_unit(payload, sym,
                                                           by_id.get(id(sym), name)))
@@ -874,6 +880,33 @@ def prove_images(payload: PayloadImage, patched: LinkedImage, orig: LinkedImage,
                     if n in payload.replaced]
     report.decide()
     return report
+
+
+_STATIC_LOCAL = re.compile(r"^(.+#[^#]+)\.(\d+)$")
+
+
+def static_aliases(orig: LinkedImage, patched: LinkedImage) -> dict[str, str]:
+    """Static locals gcc renumbered (``f.c#count.0`` -> ``f.c#count.1``, its counter is shared
+    by every static local of the file): when a file has as many ``base.N`` data symbols in
+    both hypervisors, the k-th by address in the patched one continues the k-th in the
+    original (the differ binds the payload to the running hypervisor's, whose state carries
+    over).  Only differing names are returned; a static added or removed maps nothing."""
+    def groups(image: LinkedImage) -> dict[str, list[str]]:
+        out: dict[str, list[tuple[int, str]]] = {}
+        for name, sym in image.syms.by_name.items():
+            m = _STATIC_LOCAL.match(name)
+            if m and not sym.is_func and sym.is_local:
+                out.setdefault(m.group(1), []).append((sym.addr, name))
+        return {base: [n for _a, n in sorted(v)] for base, v in out.items()}
+
+    old = groups(orig)
+    aliases: dict[str, str] = {}
+    for base, names in groups(patched).items():
+        before = old.get(base, [])
+        if len(before) == len(names):
+            aliases.update((new, was) for new, was in zip(names, before, strict=True)
+                           if new != was)
+    return aliases
 
 
 def _cold_part_of(name: str, replaced: Iterable[str]) -> bool:
