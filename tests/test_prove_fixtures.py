@@ -254,3 +254,24 @@ def _flip_cpuid(elf: Elf) -> None:
     (cpuid,) = struct.unpack_from("<H", data, 8)
     struct.pack_into("<H", data, 8, cpuid ^ 1)
     sec.data = bytes(data)
+
+
+def test_cli_help_and_bad_input(special: Built, tmp_path: Path) -> None:
+    proc = xsbuild("prove", "--help")
+    assert proc.returncode == 0
+    assert "xsbuild prove fix.livepatch --srcdir XEN_TREE --patch fix.patch" in proc.stdout
+    assert "0 proven, 1 not proven" in proc.stdout and "2 cannot judge" in proc.stdout
+    patch = tmp_path / "p.patch"
+    patch.write_text("--- a/x\n+++ b/x\n")
+    not_elf = tmp_path / "not.livepatch"
+    not_elf.write_text("hello")
+    for args, needle in (
+            ((not_elf, "--srcdir", tmp_path, "--patch", patch), "not.livepatch"),
+            ((special.payload, "--srcdir", tmp_path, "--patch", patch), "not a Xen source tree"),
+            ((special.payload, "--srcdir", tmp_path / "nowhere", "--patch", patch),
+             "does not exist")):
+        proc = xsbuild("prove", *args, "--json")
+        assert proc.returncode == 2, proc.stderr
+        [line] = proc.stderr.splitlines()
+        assert line.startswith("xsbuild: error: ") and needle in line, line
+        assert '"schema": "xsbuild.error/1"' in proc.stdout
