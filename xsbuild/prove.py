@@ -383,6 +383,7 @@ class _Fragments:
     def __init__(self) -> None:
         self.keys: dict[object, int] = {}
         self.todo: list[tuple[int, object]] = []
+        self.sections: dict[int, Section] = {}  # payload side: id -> the section a key names
 
     def ref(self, key: object, delta: int = 0) -> Ref:
         if key not in self.keys:
@@ -759,6 +760,7 @@ def _section_ref(sec: Section, where: int, operand_size: int, frags: _Fragments,
     if owner is not None:
         return (_with_offset(xen_name(owner), where - owner.value),)
     if sec.is_text:
+        frags.sections[id(sec)] = sec
         return frags.ref(("p", id(sec), where))
     return _data_ref(bytes(sec.data[where:]), operand_size)
 
@@ -767,15 +769,12 @@ def _local_ref(sec: Section, target: int, operand_size: int, frags: _Fragments) 
     return _section_ref(sec, target, operand_size, frags)
 
 
-_SECTIONS_BY_ID: dict[int, Section] = {}
-
-
 def _payload_fragments(frags: _Fragments) -> list[list[NInsn]]:
     out: list[list[NInsn]] = []
     while frags.todo:
         _k, key = frags.todo.pop(0)
         _tag, sec_id, where = key  # type: ignore[misc]
-        sec = _SECTIONS_BY_ID[sec_id]
+        sec = frags.sections[sec_id]
         out.append(_payload_insns(sec, where, len(sec.data) - where, frags, where,
                                   fragment=True))
     return out
@@ -828,7 +827,6 @@ def prove_images(payload: PayloadImage, patched: LinkedImage, orig: LinkedImage,
     """Equivalence of every function the payload carries with ``patched``, and completeness:
     the functions among ``candidates`` (every function of the objects the patched build
     recompiled) that differ between ``orig`` and ``patched`` are exactly the payload's."""
-    _register_sections(payload.elf)
     report.payload_build_id = _payload_build_id(payload.elf)
     report.base_build_id = orig.build_id.hex()
     report.patched_build_id = patched.build_id.hex()
@@ -926,11 +924,6 @@ def _cold_parent(name: str, image: LinkedImage) -> str | None:
         if cand in image.functions:
             return cand
     return None
-
-
-def _register_sections(elf: Elf) -> None:
-    for sec in elf.sections:
-        _SECTIONS_BY_ID[id(sec)] = sec
 
 
 def _payload_build_id(elf: Elf) -> str:
