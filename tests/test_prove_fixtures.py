@@ -28,6 +28,7 @@ from tests.test_scenarios import (
 )
 from xsbuild import xen_abi
 from xsbuild.elf import Elf, elf_bytes, read_elf
+from xsbuild.errors import UsageError
 from xsbuild.patched import object_functions
 from xsbuild.prove import (
     DiffKind,
@@ -275,3 +276,96 @@ def test_cli_help_and_bad_input(special: Built, tmp_path: Path) -> None:
         [line] = proc.stderr.splitlines()
         assert line.startswith("xsbuild: error: ") and needle in line, line
         assert '"schema": "xsbuild.error/1"' in proc.stdout
+
+
+# ------------------------------------------------------------------------------------------
+# The patched build's private copy (xsbuild/patched.py), on a small make-built tree
+
+MAKEFILE = """\
+xen-syms: foo.o bar.o
+\tld -o xen-syms --build-id=sha1 -e 0 foo.o bar.o
+%.o: %.c
+\tgcc -O2 -ffunction-sections -c $< -o $@
+"""
+
+
+def small_tree(top: Path) -> Path:
+    (top / "xen").mkdir(parents=True)
+    (top / "xen" / "Rules.mk").write_text("")
+    (top / "xen" / "Makefile").write_text(MAKEFILE)
+    (top / "xen" / "foo.c").write_text("int foo(int x) { return x + 1; }\n"
+                                       "static __attribute__((noinline)) int helper(int x)"
+                                       " { return x * 3; }\n"
+                                       "int foo2(int x) { return helper(x) + 2; }\n")
+    (top / "xen" / "bar.c").write_text("int bar(int x) { return x - 1; }\n")
+    import subprocess
+
+    subprocess.run(["make", "-C", "xen", "-s"], cwd=top, check=True, capture_output=True)
+    return top
+
+
+def diff_patch(top: Path, rel: str, old: str, new: str, out: Path) -> Path:
+    import difflib
+
+    text = (top / rel).read_text()
+    lines = difflib.unified_diff(text.splitlines(True), text.replace(old, new).splitlines(True),
+                                 f"a/{rel}", f"b/{rel}")
+    out.write_text("".join(lines))
+    return out
+
+
+def test_private_copy_build_restore_and_lock(tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    from xsbuild.patched import _APPLIED, build_patched, copy_folder
+    from xsbuild.xensyms import read_build_id
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    top = small_tree(tmp_path / "tree")
+    before = {p: p.read_bytes() for p in (top / "xen").iterdir()}
+    fix = diff_patch(top, "xen/foo.c", "x * 3", "x * 5", tmp_path / "fix.patch")
+    built = build_patched(top, (fix,))
+    copy = copy_folder(read_build_id(top / "xen" / "xen-syms")) / "tree"
+    assert built.copy == copy
+    assert [p.name for p in built.rebuilt_objects] == ["foo.o"]
+    assert object_functions(built.rebuilt_objects[0]) == {"foo", "foo2", "foo.c#helper"}
+    assert built.xen_syms != (top / "xen" / "xen-syms").read_bytes()
+    # the user's tree is untouched; the copy is back at the base, ready for the next proof
+    assert {p: p.read_bytes() for p in (top / "xen").iterdir()} == before
+    assert (copy / "xen" / "foo.c").read_bytes() == before[top / "xen" / "foo.c"]
+    assert not (copy / _APPLIED).exists()
+    # the next proof rebuilds what it touches (and what the last one touched, reversed)
+    other = diff_patch(top, "xen/bar.c", "x - 1", "x - 2", tmp_path / "other.patch")
+    assert {p.name for p in build_patched(top, (other,)).rebuilt_objects} == {"foo.o", "bar.o"}
+    # a patch that does not apply: bad input, the copy left at the base
+    stale = diff_patch(top, "xen/bar.c", "x - 1", "x - 3", tmp_path / "stale.patch")
+    stale.write_text(stale.read_text().replace("x - 1", "x - 9"))
+    with pytest.raises(UsageError, match="does not apply"):
+        build_patched(top, (fix, stale))
+    assert (copy / "xen" / "foo.c").read_bytes() == before[top / "xen" / "foo.c"]
+    assert not (copy / _APPLIED).exists()
+
+
+def test_private_copy_must_reproduce_the_base(tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from xsbuild.patched import CannotJudgeError, build_patched
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    # the link embeds the time it ran (a build date): no rebuild reproduces the base
+    makefile = MAKEFILE.replace(
+        "xen-syms: foo.o bar.o\n\tld -o xen-syms --build-id=sha1 -e 0 foo.o bar.o\n",
+        "xen-syms: foo.o bar.o FORCE\n"
+        "\techo \"const char *stamp = \\\"$$(date +%s%N)\\\";\" > stamp.c\n"
+        "\tgcc -c stamp.c -o stamp.obj\n"
+        "\tld -o xen-syms --build-id=sha1 -e 0 foo.o bar.o stamp.obj\nFORCE:\n")
+    top = tmp_path / "tree"
+    (top / "xen").mkdir(parents=True)
+    for name, text in (("Rules.mk", ""), ("Makefile", makefile),
+                       ("foo.c", "int foo(int x) { return x * 3; }\n"),
+                       ("bar.c", "int bar(int x) { return x - 1; }\n")):
+        (top / "xen" / name).write_text(text)
+    import subprocess
+
+    subprocess.run(["make", "-C", "xen", "-s"], cwd=top, check=True, capture_output=True)
+    fix = diff_patch(top, "xen/foo.c", "x * 3", "x * 5", tmp_path / "fix.patch")
+    with pytest.raises(CannotJudgeError, match="does not rebuild reproducibly"):
+        build_patched(top, (fix,))

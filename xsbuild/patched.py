@@ -86,13 +86,14 @@ def build_patched(base_top: Path, patches: tuple[Path, ...], *, jobs: int = 2,
         done: list[Path] = []
         try:
             _apply(copy, saved, done)
-            stamp = time.time()
+            before = _object_stamps(copy / "xen")
             start = time.monotonic()
             progress(f"building the patched hypervisor in {copy} (incremental make)")
             _make(copy, jobs, log, "the patched hypervisor")
             timings["make"] = round(time.monotonic() - start, 3)
             xen_syms = (copy / "xen" / "xen-syms").read_bytes()
-            rebuilt = _rebuilt_objects(copy / "xen", stamp)
+            after = _object_stamps(copy / "xen")
+            rebuilt = sorted(p for p, stamp in after.items() if before.get(p) != stamp)
         finally:
             _restore(copy, done)
             for patch in saved:
@@ -178,10 +179,11 @@ def _make(top: Path, jobs: int, log: Path, what: str) -> None:
                                f"{tail[0] if tail else 'make failed'}")
 
 
-def _rebuilt_objects(xen: Path, since: float) -> list[Path]:
-    """Objects of compiled sources that make wrote after ``since`` (not the link steps'
-    ``built_in.o``/``prelink.o``, which hold everything)."""
-    out = []
+def _object_stamps(xen: Path) -> dict[Path, tuple[int, int, int]]:
+    """(mtime, inode, size) of every object of a compiled source: make rewrites (or replaces)
+    exactly the ones it rebuilds.  The link steps' ``built_in.o``/``prelink.o`` hold
+    everything and are left out."""
+    out = {}
     for dirpath, _dirs, files in os.walk(xen):
         for name in files:
             if not name.endswith(".o"):
@@ -189,10 +191,9 @@ def _rebuilt_objects(xen: Path, since: float) -> list[Path]:
             stem = name[:-2].removesuffix(".init")
             if not any(Path(dirpath, stem + ext).exists() for ext in (".c", ".S")):
                 continue
-            path = Path(dirpath, name)
-            if path.stat().st_mtime >= since - 1:
-                out.append(path)
-    return sorted(out)
+            st = Path(dirpath, name).stat()
+            out[Path(dirpath, name)] = (st.st_mtime_ns, st.st_ino, st.st_size)
+    return out
 
 
 def object_functions(obj: Path) -> set[str]:
