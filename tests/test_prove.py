@@ -126,7 +126,8 @@ def rewrite(src: Path, dst: Path, change: Callable[[Elf], None] = lambda _e: Non
 # The e2e payloads are proven
 
 
-@pytest.mark.parametrize("stem", ["01", "04", "05", "06", "07", "08", "09", "11", "12"])
+@pytest.mark.parametrize("stem", ["01", "02", "03", "04", "05", "06", "07", "08", "09", "10",
+                                  "11", "12"])
 def test_payload_proven(scenario: Callable[[str], Scenario], orig: LinkedImage,
                         tmp_path: Path, stem: str) -> None:
     s = scenario(stem)

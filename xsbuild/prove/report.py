@@ -150,6 +150,7 @@ def report_text(report: ProofReport) -> str:
     lines.append(f"  functions the patch changes in the hypervisor: {changed}")
     for d in report.differences():
         lines.append(f"  - {d.describe()}")
+    lines.extend(f"  note: {n}" for n in report.notes)
     return "\n".join(lines) + "\n"
 
 
