@@ -23,7 +23,7 @@ import pytest
 from tests.xen.debian_tree import DebianTree
 from xsbuild import xen_abi
 from xsbuild.elf import Elf, Reloc, elf_bytes, read_elf
-from xsbuild.patched import build_patched, object_functions
+from xsbuild.patched import build_patched
 from xsbuild.prove import (
     DiffKind,
     LinkedImage,
@@ -100,9 +100,7 @@ def scenario(debian_tree: DebianTree, tmp_path_factory: pytest.TempPathFactory
             if base_file.exists():
                 assert copy_file.read_bytes() == base_file.read_bytes(), rel
         (out / f"{stem}.xen-syms").write_bytes(built.xen_syms)
-        candidates: set[str] = set()
-        for obj in built.rebuilt_objects:
-            candidates |= object_functions(obj)
+        candidates = built.functions
         made[stem] = Scenario(stem, patch, payload, LinkedImage(out / f"{stem}.xen-syms"),
                               candidates)
         return made[stem]

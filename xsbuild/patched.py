@@ -49,6 +49,7 @@ class PatchedBuild:
 
     xen_syms: bytes
     rebuilt_objects: list[Path]  # objects (``.o`` with a source beside them) make rewrote
+    functions: set[str]  # the functions they define (Xen names), read under the lock
     copy: Path
     timings: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
@@ -107,11 +108,14 @@ def build_patched(base_top: Path, patches: tuple[Path, ...], *, jobs: int = 2,
             xen_syms = (copy / "xen" / "xen-syms").read_bytes()
             after = _object_stamps(copy / "xen")
             rebuilt = sorted(p for p, stamp in after.items() if before.get(p) != stamp)
+            functions: set[str] = set()
+            for obj in rebuilt:
+                functions |= object_functions(obj)
         finally:
             _restore(copy, done)
             for patch in saved:
                 patch.unlink(missing_ok=True)
-    return PatchedBuild(xen_syms, rebuilt, copy, timings, notes)
+    return PatchedBuild(xen_syms, rebuilt, functions, copy, timings, notes)
 
 
 def _ready_copy(base_top: Path, folder: Path, base_id: bytes, jobs: int,

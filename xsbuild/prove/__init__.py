@@ -91,7 +91,7 @@ def prove_payload(opts: ProveOptions, progress: Callable[[str], None] = lambda _
     import tempfile
     import time
 
-    from xsbuild.patched import CannotJudgeError, build_patched, object_functions
+    from xsbuild.patched import CannotJudgeError, build_patched
 
     report = ProofReport(str(opts.payload))
     start = time.monotonic()
@@ -117,13 +117,10 @@ def prove_payload(opts: ProveOptions, progress: Callable[[str], None] = lambda _
         f.write(built.xen_syms)
         f.flush()
         patched = LinkedImage(f.name)
-    candidates: set[str] = set()
-    for obj in built.rebuilt_objects:
-        candidates |= object_functions(obj)
     report.notes.append(f"make rebuilt {len(built.rebuilt_objects)} object(s): "
                         + ", ".join(str(o.relative_to(built.copy / 'xen'))
                                     for o in built.rebuilt_objects[:20]))
-    prove_images(payload, patched, orig, candidates, report)
+    prove_images(payload, patched, orig, built.functions, report)
     report.timings["compare"] = round(time.monotonic() - start, 3)
     return report
 
