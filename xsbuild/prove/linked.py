@@ -97,22 +97,19 @@ class LinkedImage:
         return self._entries.get(func, [])
 
     def _all_entries(self) -> Iterable[tuple[str, int, int, int]]:
-        start, end = self._range("__alt_instructions", "__alt_instructions_end",
-                                 xen_abi.SEC_ALTINSTRUCTIONS)
+        start, end = self._range(*xen_abi.XEN_ALT_RANGE, xen_abi.SEC_ALTINSTRUCTIONS)
         for addr in range(start, end, xen_abi.ALT_INSTR_SIZE):
-            (off,) = struct.unpack("<i", self.read(addr, 4))
-            yield "alt", addr, 0, addr + off
-        start, end = self._range("__start___ex_table", "__stop___ex_table",
-                                 xen_abi.SEC_EX_TABLE)
+            at = addr + xen_abi.ALT_OFF_ORIG
+            yield "alt", addr, 0, at + _s32(self.read(at, 4))
+        start, end = self._range(*xen_abi.XEN_EX_TABLE_RANGE, xen_abi.SEC_EX_TABLE)
         for addr in range(start, end, xen_abi.EX_TABLE_ENTRY_SIZE):
-            (off,) = struct.unpack("<i", self.read(addr, 4))
-            yield "ex", addr, 0, addr + off
-        starts = ["__start_bug_frames"] + [f"__stop_bug_frames_{n}" for n in range(3)]
+            at = addr + xen_abi.EX_TABLE_OFF_ADDR
+            yield "ex", addr, 0, at + _s32(self.read(at, 4))
         for typ, section in enumerate(xen_abi.BUG_FRAME_SECTIONS):
             step = xen_abi.special_entry_size(section)
-            start, end = self._range(starts[typ], f"__stop_bug_frames_{typ}", section)
+            start, end = self._range(*xen_abi.XEN_BUG_FRAME_RANGES[typ], section)
             for addr in range(start, end, step):
-                (value,) = struct.unpack("<I", self.read(addr, 4))
+                value = _u32(self.read(addr + xen_abi.BUG_FRAME_OFF_LOC, 4))
                 yield "bug", addr, typ, addr + bug_disp(value)
 
     def target_ref(self, addr: int, operand_size: int, frags: Fragments) -> Ref:
@@ -198,23 +195,32 @@ def _linked_entry(image: LinkedImage, kind: str, addr: int, typ: int, func_addr:
     if kind == "alt":
         orig, repl, cpuid, orig_len, repl_len, pad_len, priv = struct.unpack(
             xen_abi.ALT_INSTR_FORMAT, image.read(addr, xen_abi.ALT_INSTR_SIZE))
-        repl_addr = addr + 4 + repl
+        repl_addr = addr + xen_abi.ALT_OFF_REPL + repl
         code = _linked_insns(image, repl_addr, image.read(repl_addr, repl_len), frags,
                              repl_addr)
         return Entry(DiffKind.ALTERNATIVE, addr + orig - func_addr,
                      (f"cpuid={cpuid}", f"orig_len={orig_len}", f"repl_len={repl_len}",
                       f"pad_len={pad_len}", f"priv={priv}"), code=tuple(code))
     if kind == "ex":
-        site, cont = struct.unpack("<ii", image.read(addr, 8))
-        return Entry(DiffKind.EX_TABLE, addr + site - func_addr, (),
-                     (image.target_ref(addr + 4 + cont, 0, frags),))
-    values = struct.unpack("<II", image.read(addr, 8))
-    refs: list[Ref] = [image.target_ref(addr + bug_disp(values[1]), 0, frags)]
-    if typ == 3:  # assert frames: the message follows (spec §1.4)
-        (msg,) = struct.unpack("<I", image.read(addr + 12, 4))
+        site_at, cont_at = addr + xen_abi.EX_TABLE_OFF_ADDR, addr + xen_abi.EX_TABLE_OFF_CONT
+        return Entry(DiffKind.EX_TABLE, site_at + _s32(image.read(site_at, 4)) - func_addr, (),
+                     (image.target_ref(cont_at + _s32(image.read(cont_at, 4)), 0, frags),))
+    loc = _u32(image.read(addr + xen_abi.BUG_FRAME_OFF_LOC, 4))
+    ptr = _u32(image.read(addr + xen_abi.BUG_FRAME_OFF_PTR, 4))
+    refs: list[Ref] = [image.target_ref(addr + bug_disp(ptr), 0, frags)]
+    if xen_abi.BUG_FRAME_SECTIONS[typ] == xen_abi.BUG_FRAME_ASSERT:  # the message follows
+        msg = _u32(image.read(addr + xen_abi.BUG_FRAME_OFF_MSG, 4))
         refs.append(image.target_ref(addr + bug_disp(msg), 0, frags))
-    line = (bug_line_bits(values[0]) << 8) | bug_line_bits(values[1])
-    return Entry(DiffKind.BUG_FRAME, addr + bug_disp(values[0]) - func_addr,
+    line = (bug_line_bits(loc) << 8) | bug_line_bits(ptr)
+    return Entry(DiffKind.BUG_FRAME, addr + bug_disp(loc) - func_addr,
                  (f"type={typ}",), tuple(refs), line=line)
+
+
+def _s32(raw: bytes) -> int:
+    return int.from_bytes(raw, "little", signed=True)
+
+
+def _u32(raw: bytes) -> int:
+    return int.from_bytes(raw, "little")
 
 

@@ -219,8 +219,8 @@ def _payload_entry(sec: Section, off: int, typ: int, func: Symbol, frags: Fragme
     if typ == -1:  # .altinstructions
         _o, _r, cpuid, orig_len, repl_len, pad_len, priv = struct.unpack(
             xen_abi.ALT_INSTR_FORMAT, bytes(sec.data[off:off + xen_abi.ALT_INSTR_SIZE]))
-        orig = _reloc_at(sec, off)
-        repl = _reloc_at(sec, off + 4)
+        orig = _reloc_at(sec, off + xen_abi.ALT_OFF_ORIG)
+        repl = _reloc_at(sec, off + xen_abi.ALT_OFF_REPL)
         site = orig.sym.value + orig.addend - func.value if orig else -1
         code: list[NInsn] = []
         if repl is not None and repl.sym.sec is not None:
@@ -230,15 +230,18 @@ def _payload_entry(sec: Section, off: int, typ: int, func: Symbol, frags: Fragme
                      (f"cpuid={cpuid}", f"orig_len={orig_len}", f"repl_len={repl_len}",
                       f"pad_len={pad_len}", f"priv={priv}"), code=tuple(code))
     if typ == -2:  # .ex_table
-        site_r, cont_r = _reloc_at(sec, off), _reloc_at(sec, off + 4)
+        site_r = _reloc_at(sec, off + xen_abi.EX_TABLE_OFF_ADDR)
+        cont_r = _reloc_at(sec, off + xen_abi.EX_TABLE_OFF_CONT)
         site = site_r.sym.value + site_r.addend - func.value if site_r else -1
         refs = (_reloc_ref(cont_r, 0, 0, frags),) if cont_r else (("?",),)
         return Entry(DiffKind.EX_TABLE, site, (), refs)
-    loc_r, ptr_r = _reloc_at(sec, off), _reloc_at(sec, off + 4)
+    loc_r = _reloc_at(sec, off + xen_abi.BUG_FRAME_OFF_LOC)
+    ptr_r = _reloc_at(sec, off + xen_abi.BUG_FRAME_OFF_PTR)
     site = loc_r.sym.value + _bug_target(loc_r.addend, 0) - func.value if loc_r else -1
-    refs_l: list[Ref] = [_bug_ref(ptr_r, 4, frags)]
-    if typ == 3:
-        refs_l.append(_bug_ref(_reloc_at(sec, off + 12), 12, frags))
+    refs_l: list[Ref] = [_bug_ref(ptr_r, xen_abi.BUG_FRAME_OFF_PTR, frags)]
+    if xen_abi.BUG_FRAME_SECTIONS[typ] == xen_abi.BUG_FRAME_ASSERT:  # the message follows
+        msg = xen_abi.BUG_FRAME_OFF_MSG
+        refs_l.append(_bug_ref(_reloc_at(sec, off + msg), msg, frags))
     line = ((bug_line_bits(loc_r.addend & 0xFFFFFFFF) if loc_r else 0) << 8) | (
         bug_line_bits(ptr_r.addend & 0xFFFFFFFF) if ptr_r else 0)
     return Entry(DiffKind.BUG_FRAME, site, (f"type={typ}",), tuple(refs_l), line=line)
