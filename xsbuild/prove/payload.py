@@ -159,7 +159,8 @@ def _payload_insns(sec: Section, start: int, size: int, frags: Fragments, origin
         for at in sorted(set(by_at) | set(inside)):
             f = by_at.get(at)
             reloc = relocs.get(addr + at)
-            width = f.size if f is not None else (8 if reloc and reloc.type == 1 else 4)
+            width = f.size if f is not None else (
+                8 if reloc and reloc.type == xen_abi.R_X86_64_64 else 4)
             spans.append((at, width))
             operand = f.operand_size if f is not None else 0
             if reloc is not None:
