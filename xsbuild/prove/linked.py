@@ -13,6 +13,7 @@ from pathlib import Path
 from xsbuild import xen_abi
 from xsbuild.prove.normal import (
     MAX_FRAGMENT,
+    MAX_STRING,
     Entry,
     Fragments,
     NInsn,
@@ -130,7 +131,8 @@ class LinkedImage:
         if sec.executable:
             return tuple(names) or frags.ref(("x", addr))
         # a label or the end of an object: the payload side may see a literal there
-        return tuple(names) + data_ref(sec.data[addr - sec.addr:], operand_size)
+        at = addr - sec.addr  # a bounded slice: a whole .rodata copy per reference is slow
+        return tuple(names) + data_ref(sec.data[at:at + MAX_STRING], operand_size)
 
     def _ends(self) -> dict[int, tuple[str, int]]:
         if self._by_end is None:

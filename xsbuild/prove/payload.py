@@ -13,6 +13,7 @@ from xsbuild import xen_abi
 from xsbuild.elf import STT_FUNC, STT_OBJECT, STT_SECTION, Elf, Reloc, Section, Symbol, read_elf
 from xsbuild.prove.normal import (
     MAX_FRAGMENT,
+    MAX_STRING,
     PC_RELATIVE,
     Entry,
     Fragments,
@@ -191,14 +192,14 @@ def _reloc_ref(reloc: Reloc, pc_adjust: int, operand_size: int, frags: Fragments
 def _section_ref(sec: Section, where: int, operand_size: int, frags: Fragments,
                  named: Symbol | None = None) -> Ref:
     if sec.is_string or sec.is_merge_const:
-        return data_ref(bytes(sec.data[where:]), operand_size)
+        return data_ref(bytes(sec.data[where:where + MAX_STRING]), operand_size)
     owner = named if named is not None and named.type != STT_SECTION else _owner(sec, where)
     if owner is not None:
         return (with_offset(xen_name(owner), where - owner.value),)
     if sec.is_text:
         frags.sections[id(sec)] = sec
         return frags.ref(("p", id(sec), where))
-    return data_ref(bytes(sec.data[where:]), operand_size)
+    return data_ref(bytes(sec.data[where:where + MAX_STRING]), operand_size)
 
 
 def _local_ref(sec: Section, target: int, operand_size: int, frags: Fragments) -> Ref:
