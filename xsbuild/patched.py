@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import os
 import re
 import shutil
@@ -107,7 +108,10 @@ def build_patched(base_top: Path, patches: tuple[Path, ...], *, jobs: int = 2,
             timings["make"] = round(time.monotonic() - start, 3)
             xen_syms = (copy / "xen" / "xen-syms").read_bytes()
             after = _object_stamps(copy / "xen")
-            rebuilt = sorted(p for p, stamp in after.items() if before.get(p) != stamp)
+            # recompiled to other bytes: an object make rebuilt identically (a header change
+            # reaches many) cannot hold a changed function
+            rebuilt = sorted(p for p, stamp in after.items()
+                             if before.get(p, (0, 0, 0, b""))[3] != stamp[3])
             functions: set[str] = set()
             for obj in rebuilt:
                 functions |= object_functions(obj)
@@ -197,7 +201,7 @@ def _make(top: Path, jobs: int, log: Path, what: str) -> None:
         raise CannotJudgeError(f"building {what} failed (log {log}): {first.strip()[:300]}")
 
 
-def _object_stamps(xen: Path) -> dict[Path, tuple[int, int, int]]:
+def _object_stamps(xen: Path) -> dict[Path, tuple[int, int, int, bytes]]:
     """(mtime, inode, size) of every object of a compiled source: make rewrites (or replaces)
     exactly the ones it rebuilds.  The link steps' ``built_in.o``/``prelink.o`` hold
     everything and are left out."""
@@ -209,8 +213,10 @@ def _object_stamps(xen: Path) -> dict[Path, tuple[int, int, int]]:
             stem = name[:-2].removesuffix(".init")
             if not any(Path(dirpath, stem + ext).exists() for ext in (".c", ".S")):
                 continue
-            st = Path(dirpath, name).stat()
-            out[Path(dirpath, name)] = (st.st_mtime_ns, st.st_ino, st.st_size)
+            path = Path(dirpath, name)
+            st = path.stat()
+            digest = hashlib.sha256(path.read_bytes()).digest()
+            out[path] = (st.st_mtime_ns, st.st_ino, st.st_size, digest)
     return out
 
 
