@@ -108,10 +108,10 @@ def build_patched(base_top: Path, patches: tuple[Path, ...], *, jobs: int = 2,
             timings["make"] = round(time.monotonic() - start, 3)
             xen_syms = (copy / "xen" / "xen-syms").read_bytes()
             after = _object_stamps(copy / "xen")
-            # recompiled to other bytes: an object make rebuilt identically (a header change
-            # reaches many) cannot hold a changed function
-            rebuilt = sorted(p for p, stamp in after.items()
-                             if before.get(p, (0, 0, 0, b""))[3] != stamp[3])
+            # rebuilt, and other than the base's: an object recompiled identically (a header
+            # change reaches many) cannot hold a changed function
+            rebuilt = sorted(p for p, stamp in after.items() if before.get(p) != stamp
+                             and _differs(p, base_top / p.relative_to(copy)))
             functions: set[str] = set()
             for obj in rebuilt:
                 functions |= object_functions(obj)
@@ -199,6 +199,14 @@ def _make(top: Path, jobs: int, log: Path, what: str) -> None:
         first = next((ln for ln in lines if _ERROR_LINE.search(ln)),
                      lines[-1] if lines else "make failed")
         raise CannotJudgeError(f"building {what} failed (log {log}): {first.strip()[:300]}")
+
+
+def _differs(obj: Path, base_obj: Path) -> bool:
+    """The rebuilt object is not the base tree's (the copy's objects may be a former proof's)."""
+    try:
+        return obj.read_bytes() != base_obj.read_bytes()
+    except FileNotFoundError:
+        return True
 
 
 def _object_stamps(xen: Path) -> dict[Path, tuple[int, int, int, bytes]]:
