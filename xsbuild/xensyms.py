@@ -178,16 +178,3 @@ def build_id_note(build_id: bytes) -> bytes:
     return (xen_abi.NOTE_HEADER.pack(len(xen_abi.NOTE_NAME_GNU), len(build_id),
                                      xen_abi.NT_GNU_BUILD_ID)
             + xen_abi.NOTE_NAME_GNU + build_id + b"\0" * (-len(build_id) % 4))
-
-
-def parse_build_id_arg(text: str) -> bytes:
-    """A build-id given on the command line as hex (``readelf -n`` / ``xl info`` form)."""
-    cleaned = text.strip().lower().removeprefix("0x").replace(":", "")
-    try:
-        value = bytes.fromhex(cleaned)
-    except ValueError:
-        raise UsageError(f"bad build-id {text!r}: expected hex digits, e.g. "
-                         "39a640e6f1412319235087391df9f1c5e13ae920") from None
-    if not value:
-        raise UsageError("empty build-id")
-    return value

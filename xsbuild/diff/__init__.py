@@ -88,9 +88,8 @@ def diff_objects(orig: Elf, patched: Elf, *, label: str = "",
     select(ctx)
     if assembly:
         ctx.refused += residue_refusals(ctx)
-        included = {u.name for u in ctx.included}
-        ctx.refused += [f"{ctx.object}: {p}" for p in uncuttable
-                        if p.split(": ", 2)[1].split("+")[0] in included]
+        ctx.refused += [f"{ctx.object}: {uncuttable[u.name]}" for u in ctx.included
+                        if u.name in uncuttable]
     return ctx
 
 

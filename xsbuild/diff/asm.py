@@ -36,18 +36,20 @@ def is_assembly(elf: Elf) -> bool:
     return not files or files[0].endswith((".S", ".s"))
 
 
-def add_missing_relocations(elf: Elf) -> list[str]:
+def add_missing_relocations(elf: Elf) -> dict[str, str]:
     """Add the relocations :mod:`~xsbuild.diff.clone` needs to cut the sized functions of an
     assembly object apart; return the functions that cannot be cut (a short branch leaves
-    them), one line each."""
-    problems: list[str] = []
+    them): name -> why."""
+    problems: dict[str, str] = {}
     for sec in elf.sections:
         funcs = [s for s in sec.symbols if s.type == STT_FUNC and s.size]
         if not sec.is_text or not funcs:
             continue
         section_sym = _section_symbol(elf, sec)
         for fn in funcs:
-            problems += _relocate_function(sec, section_sym, fn)
+            why = _relocate_function(sec, section_sym, fn)
+            if why:
+                problems[fn.name] = why
     return problems
 
 
@@ -61,10 +63,11 @@ def _section_symbol(elf: Elf, sec: Section) -> Symbol:
     return sym
 
 
-def _relocate_function(sec: Section, section_sym: Symbol, fn: Symbol) -> list[str]:
+def _relocate_function(sec: Section, section_sym: Symbol, fn: Symbol) -> str:
+    """Add ``fn``'s missing relocations; return why it cannot be cut out ("" if it can)."""
     covered = {r.offset for r in sec.relocs}
     start, end = fn.value, fn.value + fn.size
-    problems = []
+    problem = ""
     md = disassembler(detail=True)
     for insn in md.disasm(bytes(sec.data[start:end]), start):
         field = _pc_relative_field(insn)
@@ -78,9 +81,10 @@ def _relocate_function(sec: Section, section_sym: Symbol, fn: Symbol) -> list[st
         if start <= target < end:
             continue  # a branch inside the function travels with it
         if size != 4:
-            problems.append(f"{sec.name}: {fn.name}+{insn.address - start:#x}: a short "
-                            f"{insn.mnemonic} leaves the function for {sec.name}+{target:#x}; "
-                            "it cannot be moved into a payload (use a 32-bit branch)")
+            problem = problem or (
+                f"{sec.name}: {fn.name}+{insn.address - start:#x}: a short {insn.mnemonic} "
+                f"leaves the function for {sec.name}+{target:#x}; it cannot be moved into a "
+                "payload (use a 32-bit branch)")
             continue
         # The assembler's PC32 for a target in another section: S + A - P = target - end.
         addend = target - (insn.address + insn.size - offset)
@@ -88,7 +92,7 @@ def _relocate_function(sec: Section, section_sym: Symbol, fn: Symbol) -> list[st
         log.debug("asm: %s+%#x: %s to %s+%#x, relocation added", fn.name, insn.address - start,
                   insn.mnemonic, sec.name, target)
     sec.relocs.sort(key=lambda r: r.offset)
-    return problems
+    return problem
 
 
 def _pc_relative_field(insn: object) -> tuple[int, int] | None:

@@ -122,12 +122,12 @@ def _readers(ctx: DiffContext, tables: set[Unit]) -> dict[Unit, list[tuple[Unit 
             if table in tables and table is not u:
                 why = "" if u.is_func else f"the data {u.name} holds its address"
                 found.setdefault(table, []).append((u, why))
-    covered = {id(r) for u in ctx.units for r in u.relocs()}
+    covered = {(u.sec, r.offset) for u in ctx.units for r in u.relocs()}
     for sec in ctx.patched.sections:
         if not sec.is_alloc or is_init_section(sec.name):
             continue
         for r in sec.relocs:
-            if id(r) in covered:
+            if (sec, r.offset) in covered:
                 continue
             t = target_of(r)
             table = ctx.unit_of.get(t.sym) if t.kind == "sym" and t.sym is not None else None
