@@ -133,7 +133,8 @@ def sim_list(state: Path) -> list[tuple[str, str]]:
 
 
 def batches(output: str) -> list[list[str]]:
-    """The hosts of each batch, from the play banners and the first task's results."""
+    """The hosts of each batch (sorted: the hosts of one batch run in parallel and report in any
+    order), from the play banners and the first task's results."""
     out: list[list[str]] = []
     for line in output.splitlines():
         if line.startswith("PLAY [Live-patch the Xen hosts]"):
@@ -142,7 +143,7 @@ def batches(output: str) -> list[list[str]]:
             host = line[5:].split("]")[0]
             if host not in out[-1]:
                 out[-1].append(host)
-    return out
+    return [sorted(batch) for batch in out]
 
 
 def reports(work: Path) -> dict[str, dict]:
