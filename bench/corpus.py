@@ -13,8 +13,12 @@ outcomes:
 * failed: anything else (exit 2 for a patch that applies and compiles, 5, 70, a traceback, or a
   payload ``check`` rejects).  A failure is a bug to fix; the script exits 1 when there is one.
 
+With ``--prove`` every payload is also proven (``xsbuild prove``: the tree's own make builds the
+patched hypervisor, the payload must be its code and carry every function the patch changes);
+a payload not proven, or that cannot be judged, is a failure.
+
     python3 bench/corpus.py [--tree TOP] [--xen-syms F] [--corpus DIR] [-j N] [--only 001,053]
-                            [--json FILE]
+                            [--json FILE] [--prove]
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ class Outcome:
     reason: str
     detail: str
     seconds: float
+    proof: str = ""  # --prove: proven, not-proven, cannot-judge
 
 
 def classify(patch: Path, code: int, stderr: str, checked: tuple[int, str] | None,
@@ -81,7 +86,8 @@ def classify(patch: Path, code: int, stderr: str, checked: tuple[int, str] | Non
     return Outcome(patch.name, "failed", code, f"exit {code}", problem[:300], seconds)
 
 
-def run_one(patch: Path, top: Path, xen_syms: Path, out_dir: Path, jobs: int) -> Outcome:
+def run_one(patch: Path, top: Path, xen_syms: Path, out_dir: Path, jobs: int,
+            prove: bool = False) -> Outcome:
     payload = out_dir / (patch.stem + ".livepatch")
     argv = [sys.executable, "-m", "xsbuild", "build", "--srcdir", str(top), "--patch",
             str(patch), "--xen-syms", str(xen_syms), "-o", str(payload), "-j", str(jobs),
@@ -100,6 +106,23 @@ def run_one(patch: Path, top: Path, xen_syms: Path, out_dir: Path, jobs: int) ->
     failed_obj = _COMPILE_FAILED.search(proc.stderr)
     if outcome.exit_code == 2 and failed_obj and make_fails_too(top, patch, failed_obj.group(1)):
         outcome.status, outcome.reason = "no-compile", f"{failed_obj.group(1)} does not compile"
+    if prove and outcome.status == "built":
+        outcome = prove_one(outcome, patch, payload, top)
+    return outcome
+
+
+def prove_one(outcome: Outcome, patch: Path, payload: Path, top: Path) -> Outcome:
+    proc = subprocess.run([sys.executable, "-m", "xsbuild", "prove", str(payload), "--srcdir",
+                           str(top), "--patch", str(patch), "--json", "-q"],
+                          capture_output=True, text=True, check=False)
+    try:
+        verdict = json.loads(proc.stdout)["verdict"]
+    except (ValueError, KeyError):
+        verdict = f"exit {proc.returncode}"
+    outcome.proof = verdict
+    if verdict != "proven":
+        outcome.status, outcome.reason = "failed", f"not proven ({verdict})"
+        outcome.detail = (proc.stderr.strip().splitlines() or [""])[-1][:300]
     return outcome
 
 
@@ -128,6 +151,10 @@ def table(outcomes: list[Outcome]) -> str:
             rows.extend(f"| refused: {reason} | {n} | |" for reason, n in by_reason.most_common())
     if built:
         rows.append(f"built payloads: {min(built):.1f}-{max(built):.1f} s each")
+    proven = [o for o in outcomes if o.proof == "proven"]
+    if any(o.proof for o in outcomes):
+        rows.append(f"proven (xsbuild prove): {len(proven)} of "
+                    f"{sum(1 for o in outcomes if o.proof)} payloads")
     for o in outcomes:
         if o.status == "failed":
             rows.append(f"FAILED {o.patch}: {o.reason}: {o.detail}")
@@ -142,6 +169,7 @@ def main() -> int:
     ap.add_argument("-j", "--jobs", type=int, default=2, help="compiles per build")
     ap.add_argument("--only", default="", help="comma-separated patch number prefixes")
     ap.add_argument("--json", type=Path, help="also write every outcome as JSON")
+    ap.add_argument("--prove", action="store_true", help="also prove every payload built")
     args = ap.parse_args()
     patches = sorted(args.corpus.glob("*.patch"))
     if args.only:
@@ -150,7 +178,7 @@ def main() -> int:
     outcomes = []
     with tempfile.TemporaryDirectory(prefix="xsb-corpus-") as tmp:
         for patch in patches:
-            o = run_one(patch, args.tree, args.xen_syms, Path(tmp), args.jobs)
+            o = run_one(patch, args.tree, args.xen_syms, Path(tmp), args.jobs, args.prove)
             print(f"{o.patch[:60]:<60} {o.status:<8} {o.seconds:>6.1f}s {o.reason}", flush=True)
             outcomes.append(o)
     print(table(outcomes))

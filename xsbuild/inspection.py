@@ -204,6 +204,10 @@ class InspectReport:
     relocations: list[RelocGroup]
     special: list[SpecialEntry]
     notes: list[str] = field(default_factory=list)
+    # ``inspect --proof FILE`` (HTML): each function's entry of an xsbuild.prove/1 report, by
+    # Xen name and by plain name, and the proof's verdict.
+    proof: dict[str, dict[str, object]] = field(default_factory=dict)
+    proof_verdict: str = ""
 
     def function(self, name: str) -> PayloadFunction | None:
         return next((f for f in self.functions if f.name == name), None)

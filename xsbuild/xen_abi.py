@@ -121,6 +121,25 @@ ASSERT_FRAME = Layout("assert_bug_frame", ("loc_disp", "i"), ("ptr_disp", "i"),
 # ".rela.bug_frames.2" addends such as ".text.fixup_exception_return + 0x7000148").
 BUG_DISP_WIDTH = 24
 BUG_FRAME_ASSERT = BUG_FRAME_SECTIONS[3]  # assert frames carry a second frame: the message
+# Field offsets inside one entry; every field is a 32-bit displacement from the field itself
+# (alt_instr, exception_table_entry) or from the frame's start (bug_frame, low BUG_DISP_WIDTH
+# bits; the assert message's field is msg_disp[1]).  Spec §1.4; x86 asm/alternative.h,
+# asm/uaccess.h, asm/bug.h @4.17.5.
+ALT_OFF_ORIG = 0
+ALT_OFF_REPL = 4
+EX_TABLE_OFF_ADDR = 0
+EX_TABLE_OFF_CONT = 4
+BUG_FRAME_OFF_LOC = 0
+BUG_FRAME_OFF_PTR = 4
+BUG_FRAME_OFF_MSG = 12
+# How xen-syms' linker script brackets those arrays (it merges them into .rodata/.data, so they
+# have no sections of their own there): (start, stop) symbols, measured on Debian's xen-syms.
+XEN_ALT_RANGE = ("__alt_instructions", "__alt_instructions_end")
+XEN_EX_TABLE_RANGE = ("__start___ex_table", "__stop___ex_table")
+XEN_BUG_FRAME_RANGES = (("__start_bug_frames", "__stop_bug_frames_0"),
+                        ("__stop_bug_frames_0", "__stop_bug_frames_1"),
+                        ("__stop_bug_frames_1", "__stop_bug_frames_2"),
+                        ("__stop_bug_frames_2", "__stop_bug_frames_3"))
 
 
 def special_entry_size(section: str) -> int:

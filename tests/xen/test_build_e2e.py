@@ -24,6 +24,9 @@ with the right message.
 | 13, 14 | changed data, ``__init``-only change | build refused, exit 1 |
 | 15 | a member added to ``struct domain`` (a layout change) | build refused, exit 1, by name |
 | 16 | a changed static const table, its unchanged reader replaced too | extra |
+
+Every good payload is built with ``--prove``: it must be proven against the hypervisor the tree's
+own make builds from the same patch (``test_payloads_proven``).
 """
 
 from __future__ import annotations
@@ -94,7 +97,9 @@ def run_build(tree: DebianTree, patch: Path, out: Path,
 def build(tree: DebianTree, stem: str, out_dir: Path, *extra: str) -> Built:
     patch = patch_path(stem)
     out = out_dir / f"{patch.stem}.livepatch"
-    run = run_build(tree, patch, out, *extra)
+    # --prove: the payload must also be what the tree's own make builds from the patch
+    # (issue 9); the proof is in the summary, and a payload not proven fails the build.
+    run = run_build(tree, patch, out, "--prove", *extra)
     assert run.returncode == 0, f"xsbuild build {patch.name} failed:\n{run.stderr}"
     summary = json.loads(run.stdout)
     assert summary["status"] == "ok" and out.is_file()
@@ -126,6 +131,16 @@ def payloads(debian_tree: DebianTree, tmp_path_factory: pytest.TempPathFactory
 
 
 # --------------------------------------------------------------------------- build time
+def test_payloads_proven(payloads: dict[str, Built]) -> None:
+    # Every good scenario's payload is, function by function, the patched hypervisor's code,
+    # and carries every function the patch changes in it (xsbuild prove, issue 9).
+    for stem, built in payloads.items():
+        proof = built.summary["proof"]
+        assert proof["verdict"] == "proven", (stem, proof["differences"][:3])
+        carried = {f["name"] for f in proof["functions"]}
+        assert proof["changed_in_xen"] and set(proof["changed_in_xen"]) <= carried, stem
+
+
 @pytest.mark.parametrize(("stem", "needles"), [
     ("13", ("opt_conswitch", "changed initialised data")),
     ("14", ("cmdline_parse", "__init")),

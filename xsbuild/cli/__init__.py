@@ -59,7 +59,7 @@ def _register() -> None:
     # Import for the side effect of registering each command module's commands on ``cli``.
     import importlib
 
-    for name in ("compile", "apply", "inspect", "build", "demo", "fleet"):
+    for name in ("compile", "apply", "inspect", "build", "prove", "demo", "fleet"):
         try:
             importlib.import_module(f"xsbuild.cli.{name}")
         except ModuleNotFoundError as exc:  # a module not written yet

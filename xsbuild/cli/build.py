@@ -63,6 +63,10 @@ def _log_path(output: Path) -> Path:
 @click.option("--allow-layout-change", "allow_layout_changes", multiple=True, metavar="TYPE",
               help="Let the patch change the layout of TYPE ('struct domain', or 'domain'): "
                    "only when no live instance or unchanged code depends on it; repeatable.")
+@click.option("--prove", "prove", is_flag=True,
+              help="Then prove the payload (see `xsbuild prove`): build the patched hypervisor "
+                   "with the tree's own make and compare; exit 1 if not proven, 2 if it "
+                   "cannot be judged.")
 @click.option("--keep-workdir", is_flag=True, help="Keep the scratch directory (debugging).")
 @click.option("--json", "as_json", is_flag=True,
               help="Print a JSON summary on stdout (schema xsbuild.build/1).")
@@ -72,7 +76,7 @@ def build_cmd(srcdir: Path | None, debian_version: str | None, base_archive: Pat
               xen_syms: Path | None, output: Path, depends: str | None, xen_depends: str | None,
               name: str | None, jobs: int, prelink: bool, no_self_check: bool,
               new_statics: tuple[str, ...], allow_layout_changes: tuple[str, ...],
-              keep_workdir: bool, as_json: bool, quiet: bool) -> None:
+              prove: bool, keep_workdir: bool, as_json: bool, quiet: bool) -> None:
     """Build a live-patch payload from source patches, reusing the tree's built objects.
 
     \b
@@ -91,6 +95,8 @@ def build_cmd(srcdir: Path | None, debian_version: str | None, base_archive: Pat
     (a missing tree, a patch that does not apply, a compile error, a
     stale tree), 3 no functional change, 5 xsbuild cannot reproduce
     one of the tree's objects (its own limitation: please report it).
+    With --prove: 1 also when the payload is not proven, 2 when no
+    proof can be made.
     """
     for path in (output, _log_path(output)):
         check_output(path, (*patches, *([xen_syms] if xen_syms else [])))
@@ -111,14 +117,39 @@ def build_cmd(srcdir: Path | None, debian_version: str | None, base_archive: Pat
         if log.is_file() and exc.args:  # say where the log is, in the one error line
             exc.args = (f"{exc} (log: {log})", *exc.args[1:])
         raise
+    proof = _prove(summary.payload, summary.base_top, opts, progress) if prove else None
     if as_json:
-        json.dump(summary.to_json(), sys.stdout, indent=2)
+        doc = summary.to_json()
+        if proof is not None:
+            doc["proof"] = proof.to_json()
+        json.dump(doc, sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
         click.echo(f"{summary.payload}: {summary.name}, build-id {summary.build_id.hex()}, "
                    f"{len(summary.functions('changed_functions'))} changed and "
                    f"{len(summary.functions('new_functions'))} new function(s) from "
                    f"{len(summary.capture.changed)} object(s); log {summary.log}")
+        if proof is not None:
+            from xsbuild.prove import report_text
+
+            click.echo(report_text(proof), nl=False)
+    if proof is not None:
+        from xsbuild.cli.prove import verdict_error
+
+        exc = verdict_error(proof)
+        if exc is not None:
+            if as_json:
+                exc.json_reported = True  # type: ignore[attr-defined]
+            raise exc
+
+
+def _prove(payload: Path, top: Path, opts: BuildOptions, progress: Callable[[str], None]
+           ) -> object:
+    """``--prove``: the proof of the payload just written (:mod:`xsbuild.prove`)."""
+    from xsbuild.prove import ProveOptions, prove_payload
+
+    return prove_payload(ProveOptions(payload, top, opts.patches, opts.xen_syms, opts.jobs),
+                         progress)
 
 
 def _imported_base(srcdir: Path | None, debian_version: str | None, archive: Path,

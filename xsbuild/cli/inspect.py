@@ -41,10 +41,13 @@ def _emit(text: str, output: Path | None) -> None:
 @click.option("--payload", "others", multiple=True, type=_EXISTING, metavar="OTHER",
               help="A payload loaded before this one (repeatable): a depends note equal to its "
                    "build-id is named after it, and its symbols count as loaded in the check.")
+@click.option("--proof", "proof", type=_EXISTING, metavar="PROOF_JSON",
+              help="An `xsbuild prove --format json` report of this payload: the HTML shows "
+                   "each function's proof next to its code.")
 @_FORMAT
 @_OUTPUT
-def inspect_cmd(payload: Path, xen_syms: Path | None, others: tuple[Path, ...], fmt: str,
-                output: Path | None) -> None:
+def inspect_cmd(payload: Path, xen_syms: Path | None, others: tuple[Path, ...], proof: Path | None,
+                fmt: str, output: Path | None) -> None:
     """Show what PAYLOAD changes, before it reaches a host.
 
     The funcs table (each patched function's old and new address and size, source file), the
@@ -59,6 +62,7 @@ def inspect_cmd(payload: Path, xen_syms: Path | None, others: tuple[Path, ...], 
       xsbuild inspect fix.livepatch --xen-syms xen-syms
       xsbuild inspect fix.livepatch --xen-syms xen-syms --format html -o fix.html
       xsbuild inspect second.livepatch --payload first.livepatch --format json
+      xsbuild inspect fix.livepatch --format html --proof proof.json -o fix.html
 
     \b
     Exit status: 0 report written (a payload Xen would reject is reported,
@@ -73,7 +77,30 @@ def inspect_cmd(payload: Path, xen_syms: Path | None, others: tuple[Path, ...], 
 
     xs = XenSymbols.load(xen_syms) if xen_syms else None
     loaded = [load_other_payload(p) for p in others]
-    _emit(render(inspect_payload(payload, xs, loaded), fmt), output)
+    report = inspect_payload(payload, xs, loaded)
+    if proof is not None:
+        _attach_proof(report, proof)
+    _emit(render(report, fmt), output)
+
+
+def _attach_proof(report: object, path: Path) -> None:
+    """Index an xsbuild.prove/1 report's functions by Xen name and by plain name."""
+    import json
+
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UsageError(f"--proof {path}: not a JSON proof: {exc}") from exc
+    if not isinstance(doc, dict) or doc.get("schema") != "xsbuild.prove/1":
+        raise UsageError(f"--proof {path}: not an xsbuild.prove/1 report "
+                         "(xsbuild prove --format json)")
+    by_name: dict[str, dict[str, object]] = {}
+    for entry in doc.get("functions", []):
+        name = str(entry.get("name", ""))
+        by_name[name] = entry
+        by_name.setdefault(name.rpartition("#")[2], entry)
+    report.proof = by_name  # type: ignore[attr-defined]
+    report.proof_verdict = str(doc.get("verdict", ""))  # type: ignore[attr-defined]
 
 
 @cli.command("explain")
