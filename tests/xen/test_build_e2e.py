@@ -24,6 +24,7 @@ with the right message.
 | 13, 14 | changed data, ``__init``-only change | build refused, exit 1 |
 | 15 | a member added to ``struct domain`` (a layout change) | build refused, exit 1, by name |
 | 16 | a changed static const table, its unchanged reader replaced too | extra |
+| 17 | a sized assembly function sharing ``.text`` (load_guest_gprs) | dom0's port reads |
 
 Every good payload is built with ``--prove``: it must be proven against the hypervisor the tree's
 own make builds from the same patch (``test_payloads_proven``).
@@ -53,6 +54,11 @@ PATCHES = Path(__file__).resolve().parent / "patches"
 EXTRA = 'echo "$(cat /sys/hypervisor/version/extra)"'
 CHANGESET = 'echo "$(cat /sys/hypervisor/properties/changeset)"'
 COMPILE_DATE = 'echo "$(cat /sys/hypervisor/compilation/compile_date)"'
+# dom0's kernel runs in ring 3, so each port read traps to Xen, whose emulation stub calls
+# load_guest_gprs (patch 17): 20 reads of ports 0x80-0x87 (POST and DMA page registers), one
+# line each, through Linux's /dev/port.
+PORTS = ("for i in $(seq 20); do dd if=/dev/port bs=8 skip=16 count=1 2>/dev/null "
+         "| od -An -tx1; done")
 # The WARN_ON of patch 09 fires on purpose: its report is expected, nothing else is.
 EXPECTED_XEN_ERRORS = re.compile(r"Xen WARN at common/version\.c|----\[ Xen-")
 
@@ -124,7 +130,7 @@ def payloads(debian_tree: DebianTree, tmp_path_factory: pytest.TempPathFactory
     before = _snapshot(debian_tree.source_top)
     built = {"01": build(debian_tree, "01", out)}
     built["02"] = build(debian_tree, "02", out, "--depends", built["01"].build_id)
-    for stem in ("03", "04", "05", "06", "07", "08", "09", "10", "11", "12", "16"):
+    for stem in ("03", "04", "05", "06", "07", "08", "09", "10", "11", "12", "16", "17"):
         built[stem] = build(debian_tree, stem, out)
     assert _snapshot(debian_tree.source_top) == before, "xsbuild build wrote into the tree"
     return built
@@ -178,6 +184,9 @@ def test_build_summaries(payloads: dict[str, Built]) -> None:
     # The table's unchanged reader is replaced too, so that it reads the payload's copy.
     assert sorted(payloads["16"].summary["changed_functions"]) == [  # type: ignore[arg-type]
         "xen_build_info", "xen_extra_version"]
+    # Cut from the .text it shares with save_guest_gprs, which is not carried.
+    assert objects("17") == ["arch/x86/pv/gpr_switch.o"]
+    assert payloads["17"].summary["changed_functions"] == ["load_guest_gprs"]
     for built in payloads.values():
         assert set(built.summary["timings"]) >= {"capture", "diff", "link"}  # type: ignore[arg-type]
 
@@ -229,6 +238,7 @@ OBSERVE = {
     "11": f"{EXTRA}; {CHANGESET}",
     "12": EXTRA,
     "16": EXTRA,
+    "17": PORTS,
 }
 
 
@@ -255,7 +265,8 @@ def test_payloads_on_debian_xen(xen_boot: BootFn, payloads: dict[str, Built]) ->
     script = (Script()
               .step("extra-before", EXTRA)
               .step("chg-before", CHANGESET)
-              .step("date-before", COMPILE_DATE))
+              .step("date-before", COMPILE_DATE)
+              .step("ports-before", PORTS))
     add_stack_steps(script, payloads)
     for stem in OBSERVE:
         add_single_steps(script, stem, payloads[stem])
@@ -333,5 +344,11 @@ def check_singles(result: BootResult, extra0: str, chg0: str, date0: str, why: s
     assert lines(result, "s11-obs") == ["xsb-inline", "xsb-inline"], why
     assert lines(result, "s12-obs") == ["xsb-new-file"], why
     assert lines(result, "s16-obs") == ["xsb-tbl debug=n"], why
+    # Every port read of dom0 went through the patched load_guest_gprs, and read what it did
+    # before the patch (the change is invisible to guests by design).
+    ports0, ports17 = lines(result, "ports-before"), lines(result, "s17-obs")
+    assert len(ports17) == 20 and all(re.fullmatch(r"([0-9a-f]{2} ){7}[0-9a-f]{2}", v)
+                                      for v in ports17), ports17
+    assert set(ports17) == set(ports0), (ports0, ports17)
     for stem in OBSERVE:  # every revert restores the original behaviour
         assert lines(result, f"s{stem}-after") == [extra0, chg0, date0], (stem, why)

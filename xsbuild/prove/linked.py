@@ -187,7 +187,8 @@ def _linked_fragments(image: LinkedImage, frags: Fragments) -> list[list[NInsn]]
         _k, key = frags.todo.pop(0)
         addr = key[1]  # type: ignore[index]
         sec = image.section_at(addr)
-        code = sec.data[addr - sec.addr:addr - sec.addr + 16 * MAX_FRAGMENT] if sec else b""
+        end = frags.end_of(None, addr, addr + 16 * MAX_FRAGMENT)
+        code = sec.data[addr - sec.addr:end - sec.addr] if sec else b""
         out.append(_linked_insns(image, addr, code, frags, addr, fragment=True))
     return out
 
@@ -197,6 +198,7 @@ def _linked_entry(image: LinkedImage, kind: str, addr: int, typ: int, func_addr:
     if kind == "alt":
         alt = xen_abi.ALT_INSTR.unpack(image.read(addr, xen_abi.ALT_INSTR_SIZE))
         repl_addr = addr + xen_abi.ALT_OFF_REPL + alt.repl_offset
+        frags.bound(None, repl_addr, repl_addr + alt.repl_len)
         code = _linked_insns(image, repl_addr, image.read(repl_addr, alt.repl_len), frags,
                              repl_addr)
         return Entry(DiffKind.ALTERNATIVE, addr + alt.orig_offset - func_addr,

@@ -228,6 +228,19 @@ class Fragments:
         self.keys: dict[object, int] = {}
         self.todo: list[tuple[int, object]] = []
         self.sections: dict[int, Section] = {}  # payload side: id -> the section a key names
+        # Alternatives' replacement code, (space, start, end): a fragment starting inside one
+        # ends with it on both sides.  (A payload keeps only its own replacements, xen-syms
+        # every one back to back, so decoding on would compare unrelated code.)  The space is
+        # the payload section's id, or None for the hypervisor's addresses.
+        self.bounded: list[tuple[int | None, int, int]] = []
+
+    def bound(self, space: int | None, start: int, end: int) -> None:
+        self.bounded.append((space, start, end))
+
+    def end_of(self, space: int | None, where: int, default: int) -> int:
+        """Where a fragment starting at ``where`` must stop decoding."""
+        return next((end for sp, start, end in self.bounded
+                     if sp == space and start <= where < end), default)
 
     def ref(self, key: object, delta: int = 0) -> Ref:
         if key not in self.keys:

@@ -236,8 +236,8 @@ def _payload_fragments(frags: Fragments) -> list[list[NInsn]]:
         _k, key = frags.todo.pop(0)
         _tag, sec_id, where = key  # type: ignore[misc]
         sec = frags.sections[sec_id]
-        out.append(_payload_insns(sec, where, len(sec.data) - where, frags, where,
-                                  fragment=True))
+        end = frags.end_of(sec_id, where, len(sec.data))
+        out.append(_payload_insns(sec, where, end - where, frags, where, fragment=True))
     return out
 
 
@@ -250,6 +250,7 @@ def _payload_entry(sec: Section, off: int, typ: int, func: Symbol, frags: Fragme
         code: list[NInsn] = []
         if repl is not None and repl.sym.sec is not None:
             start = repl.sym.value + repl.addend
+            frags.bound(id(repl.sym.sec), start, start + alt.repl_len)
             code = _payload_insns(repl.sym.sec, start, alt.repl_len, frags, start)
         return Entry(DiffKind.ALTERNATIVE, site, alt_fields(alt), code=tuple(code))
     if typ == -2:  # .ex_table
