@@ -5,8 +5,10 @@ tree (``bench/corpus.py`` runs all of them and prints the table).  This suite ta
 sample chosen to cover the outcomes (payloads, and each kind of refusal) while staying quick to
 build, and checks that:
 
-* every build ends in a payload ``xsbuild check`` accepts, or a refusal with its reason (exit 1
-  or 3): never exit 2 for a patch that applies and compiles, never 5 or 70, never a traceback;
+* every build ends in a payload ``xsbuild check`` accepts and that is proven (``build --prove``:
+  the payload is the code the tree's own make builds from the patch, and carries every function
+  the patch changes), or a refusal with its reason (exit 1 or 3): never exit 2 for a patch that
+  applies and compiles, never 5 or 70, never a traceback;
 * every payload uploads, applies, reverts and unloads on Debian's Xen under QEMU, all in one
   boot, with no hypervisor error.
 """
@@ -49,6 +51,7 @@ class Outcome:
     number: str
     exit_code: int
     stderr: str
+    summary: dict[str, object]
     payload: Path
     name: str
 
@@ -70,9 +73,11 @@ def outcomes(debian_tree: DebianTree, tmp_path_factory: pytest.TempPathFactory
         run = subprocess.run(
             [sys.executable, "-m", "xsbuild", "build", "--srcdir", str(debian_tree.source_top),
              "--patch", str(corpus_patch(number)), "--xen-syms", str(debian_tree.debian_xen_syms),
-             "-o", str(payload), "--name", f"c{number}", "--json"],
+             "-o", str(payload), "--name", f"c{number}", "--json", "--prove"],
             capture_output=True, text=True, check=False)
-        found[number] = Outcome(number, run.returncode, run.stderr, payload, f"c{number}")
+        summary = json.loads(run.stdout) if run.stdout.startswith("{") else {}
+        found[number] = Outcome(number, run.returncode, run.stderr, summary, payload,
+                                f"c{number}")
     return found
 
 
@@ -85,6 +90,8 @@ def test_sample_outcomes(outcomes: dict[str, Outcome], debian_tree: DebianTree) 
         assert word in o.stderr, f"{number}: {word!r} not in\n{o.stderr}"
         assert o.payload.is_file() == (want == 0), number
         if want == 0:
+            proof = o.summary["proof"]
+            assert proof["verdict"] == "proven", (number, proof)  # type: ignore[index]
             check = subprocess.run(
                 [sys.executable, "-m", "xsbuild", "check", str(o.payload), "--xen-syms",
                  str(debian_tree.debian_xen_syms), "--json"],
