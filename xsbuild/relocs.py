@@ -124,7 +124,22 @@ def symbol_at(sec: Section, offset: int) -> Symbol | None:
         for s in sec.symbols:
             if s.type in (STT_FUNC, STT_OBJECT) and s.size and s.value + s.size == offset:
                 return s
+            if s.type == STT_FUNC and s.end < offset < owned_end(s):
+                return s
     return best
+
+
+def owned_end(sym: Symbol) -> int:
+    """Where the bytes a function owns stop.  Its symbol stops at its last instruction, but
+    code the compiler put after it in its own section (an unlikely path inline asm moves to
+    ``.subsection 1``, such as the ``ud2`` of Xen's vmread helpers, with their bug frames) is
+    reached only by the function's own jumps, resolved without relocations: it belongs to
+    the function and must travel with it, or those jumps land past the payload's copy."""
+    sec = sym.sec
+    if sec is None or sym.type != STT_FUNC or not sec.is_text or sym.end >= sec.size:
+        return sym.end
+    alone = all(s is sym or s.type not in (STT_FUNC, STT_OBJECT) for s in sec.symbols)
+    return sec.size if alone else sym.end
 
 
 class InstructionEnds:

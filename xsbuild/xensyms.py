@@ -58,20 +58,32 @@ class XenSymbols:
         """The symbol at or covering ``addr`` (functions preferred), for naming call and jump
         targets in disassembly; None when none does.  A zero-size symbol (an assembly label such
         as a thunk) names only its own address."""
-        if self._by_addr is None:
-            # Functions sort after objects at one address, so the last entry <= addr wins a tie.
-            self._by_addr = sorted(((s.addr, s) for s in self.by_name.values()),
-                                   key=lambda e: (e[0], e[1].is_func))
-            self._max_size = max((s.size for s in self.by_name.values()), default=0)
-        i = bisect.bisect_right(self._by_addr, addr, key=lambda e: e[0])
+        by_addr = self._sorted()
+        i = bisect.bisect_right(by_addr, addr, key=lambda e: e[0])
         while i > 0:
-            start, sym = self._by_addr[i - 1]
+            start, sym = by_addr[i - 1]
             if start == addr or start + sym.size > addr:
                 return sym
             if addr - start >= self._max_size:  # no symbol is big enough to reach further
                 return None
             i -= 1
         return None
+
+    def starting_at(self, addr: int) -> list[XenSymbol]:
+        """Every symbol at exactly ``addr``: an object and the linker labels that share its
+        address (``nr_cpu_ids`` and ``__init_end``, ``_stext`` and ``_start``)."""
+        by_addr = self._sorted()
+        lo = bisect.bisect_left(by_addr, addr, key=lambda e: e[0])
+        hi = bisect.bisect_right(by_addr, addr, key=lambda e: e[0])
+        return [sym for _a, sym in by_addr[lo:hi]]
+
+    def _sorted(self) -> list[tuple[int, XenSymbol]]:
+        if self._by_addr is None:
+            # Functions sort after objects at one address, so the last entry <= addr wins a tie.
+            self._by_addr = sorted(((s.addr, s) for s in self.by_name.values()),
+                                   key=lambda e: (e[0], e[1].is_func, e[1].size, e[1].name))
+            self._max_size = max((s.size for s in self.by_name.values()), default=0)
+        return self._by_addr
 
     def data_at(self, addr: int) -> tuple[str, int, memoryview] | None:
         """(section name, offset, bytes from ``addr`` to the section's end) when ``addr`` is in

@@ -16,7 +16,14 @@ from enum import StrEnum
 
 from xsbuild import xen_abi
 from xsbuild.elf import STT_FUNC, Elf, Reloc, Section, Symbol
-from xsbuild.relocs import InstructionEnds, Target, by_symbol, field_width, target_of
+from xsbuild.relocs import (
+    InstructionEnds,
+    Target,
+    by_symbol,
+    field_width,
+    owned_end,
+    target_of,
+)
 
 
 class Status(StrEnum):
@@ -141,14 +148,20 @@ class Unit:
         sym = self.twin.sym if (self.side == Side.PATCHED and self.twin) else self.sym
         return xen_name(sym)
 
+    @property
+    def end(self) -> int:
+        """Where the bytes this unit owns stop (a function's may go on past its symbol:
+        :func:`xsbuild.relocs.owned_end`)."""
+        return owned_end(self.sym)
+
     def relocs(self) -> list[Reloc]:
-        lo, hi = self.sym.value, self.sym.value + self.sym.size
+        lo, hi = self.sym.value, self.end
         return [r for r in self.sec.relocs if lo <= r.offset < hi]
 
     def body(self) -> bytes:
         if self.sec.is_nobits:
             return b"\0" * self.sym.size
-        return bytes(self.sec.data[self.sym.value:self.sym.value + self.sym.size])
+        return bytes(self.sec.data[self.sym.value:self.end])
 
     def __repr__(self) -> str:
         return f"<Unit {self.side} {self.name} {self.status}>"
@@ -158,7 +171,7 @@ def pc_adjust(u: Unit, r: Reloc, ends: InstructionEnds) -> int:
     """``insn_end - r_offset`` for a PC-relative field of an instruction of ``u`` (the addend of
     ``call helper`` is -4, its target ``helper+0``); 0 for everything else."""
     if u.sec.is_text and xen_abi.is_pc_relative(r.type):
-        return ends.pc_adjust(u.sec, u.sym.value, u.sym.end, r.offset, field_width(r.type))
+        return ends.pc_adjust(u.sec, u.sym.value, u.end, r.offset, field_width(r.type))
     return 0
 
 

@@ -23,6 +23,7 @@ from xsbuild.prove.normal import (
     bug_line_bits,
     data_ref,
     decode,
+    decoded_end,
     insn_text,
     is_terminator,
     mask,
@@ -54,6 +55,8 @@ class LinkedImage:
         self._starts = [s.addr for s in self.sections]
         self.functions = {n: s for n, s in self.syms.by_name.items() if s.is_func}
         self._entries: dict[str, list[tuple[str, int, int]]] | None = None
+        # entries whose site no function covers (unnamed code), (site, kind, address, type)
+        self._loose: list[tuple[int, str, int, int]] = []
         self._by_end: dict[int, tuple[str, int]] | None = None
         # patched static local -> the original's it continues (see static_aliases)
         self.aliases: dict[str, str] = {}
@@ -95,7 +98,18 @@ class LinkedImage:
                 owner = self.syms.symbol_at(site)
                 if owner is not None and owner.is_func:
                     self._entries.setdefault(owner.name, []).append((kind, addr, typ))
+                elif self.section_at(site) is not None:
+                    self._loose.append((site, kind, addr, typ))
+            self._loose.sort()
         return self._entries.get(func, [])
+
+    def entries_between(self, start: int, end: int) -> list[tuple[int, str, int, int]]:
+        """(site, kind, entry address, type) of the entries whose site is in unnamed code
+        between ``start`` and ``end``."""
+        self.entries_for("")
+        lo = bisect.bisect_left(self._loose, (start,))
+        hi = bisect.bisect_left(self._loose, (end,))
+        return self._loose[lo:hi]
 
     def _all_entries(self) -> Iterable[tuple[str, int, int, int]]:
         start, end = self._range(*xen_abi.XEN_ALT_RANGE, xen_abi.SEC_ALTINSTRUCTIONS)
@@ -120,11 +134,16 @@ class LinkedImage:
         sym = self.syms.symbol_at(addr)
         if sym is not None:
             names.append(with_offset(self.aliases.get(sym.name, sym.name), addr - sym.addr))
+        # Every name of that address: a payload's relocation may use any of them (an object
+        # and the linker label it shares its address with, two labels of one place).
+        sharing = [s for s in self.syms.starting_at(addr) if s is not sym]
+        names += sorted(self.aliases.get(s.name, s.name) for s in sharing)
+        sized = (sym is not None and sym.size > 0) or any(s.size for s in sharing)
         ended = self._ends().get(addr)
-        if ended is not None and (sym is None or sym.size == 0):
+        if ended is not None and not sized:
             names.append(with_offset(ended[0], ended[1]))
         sec = self.section_at(addr)
-        if sym is not None and sym.size:  # inside a sized symbol: that is what it is
+        if sized:  # inside a sized symbol: that is what it is
             return tuple(names)
         if sec is None:
             return tuple(names) or (f"abs:{addr:#x}",)
@@ -162,7 +181,7 @@ def linked_unit(image: LinkedImage, name: str) -> Unit | None:
     insns = _linked_insns(image, sym.addr, image.read(sym.addr, sym.size), frags, sym.addr)
     entries = [_linked_entry(image, kind, addr, typ, sym.addr, frags)
                for kind, addr, typ in image.entries_for(name)]
-    return Unit(name, insns, _linked_fragments(image, frags), entries)
+    return Unit(name, insns, _linked_fragments(image, frags, entries), entries)
 
 
 def _linked_insns(image: LinkedImage, addr: int, code: bytes, frags: Fragments,
@@ -181,20 +200,28 @@ def _linked_insns(image: LinkedImage, addr: int, code: bytes, frags: Fragments,
     return out
 
 
-def _linked_fragments(image: LinkedImage, frags: Fragments) -> list[list[NInsn]]:
+def _linked_fragments(image: LinkedImage, frags: Fragments,
+                      entries: list[Entry]) -> list[list[NInsn]]:
+    """The unnamed code reached, fragment by fragment, adding to ``entries`` those whose site
+    is in it (the bug frames of an unlikely path's ``ud2``)."""
     out: list[list[NInsn]] = []
     while frags.todo:
-        _k, key = frags.todo.pop(0)
+        k, key = frags.todo.pop(0)
         addr = key[1]  # type: ignore[index]
         sec = image.section_at(addr)
         end = frags.end_of(None, addr, addr + 16 * MAX_FRAGMENT)
         code = sec.data[addr - sec.addr:end - sec.addr] if sec else b""
-        out.append(_linked_insns(image, addr, code, frags, addr, fragment=True))
+        insns = _linked_insns(image, addr, code, frags, addr, fragment=True)
+        out.append(insns)
+        for _site, kind, at, typ in image.entries_between(addr, addr + decoded_end(insns)):
+            entries.append(_linked_entry(image, kind, at, typ, addr, frags, f"code#{k}"))
     return out
 
 
 def _linked_entry(image: LinkedImage, kind: str, addr: int, typ: int, func_addr: int,
-                  frags: Fragments) -> Entry:
+                  frags: Fragments, where: str = "") -> Entry:
+    """The entry at ``addr``, its site relative to ``func_addr`` (the function's, or the
+    start of the fragment ``where`` names)."""
     if kind == "alt":
         alt = xen_abi.ALT_INSTR.unpack(image.read(addr, xen_abi.ALT_INSTR_SIZE))
         repl_addr = addr + xen_abi.ALT_OFF_REPL + alt.repl_offset
@@ -202,11 +229,12 @@ def _linked_entry(image: LinkedImage, kind: str, addr: int, typ: int, func_addr:
         code = _linked_insns(image, repl_addr, image.read(repl_addr, alt.repl_len), frags,
                              repl_addr)
         return Entry(DiffKind.ALTERNATIVE, addr + alt.orig_offset - func_addr,
-                     alt_fields(alt), code=tuple(code))
+                     alt_fields(alt), code=tuple(code), where=where)
     if kind == "ex":
         site_at, cont_at = addr + xen_abi.EX_TABLE_OFF_ADDR, addr + xen_abi.EX_TABLE_OFF_CONT
         return Entry(DiffKind.EX_TABLE, site_at + _s32(image.read(site_at, 4)) - func_addr, (),
-                     (image.target_ref(cont_at + _s32(image.read(cont_at, 4)), 0, frags),))
+                     (image.target_ref(cont_at + _s32(image.read(cont_at, 4)), 0, frags),),
+                     where=where)
     loc = _u32(image.read(addr + xen_abi.BUG_FRAME_OFF_LOC, 4))
     ptr = _u32(image.read(addr + xen_abi.BUG_FRAME_OFF_PTR, 4))
     refs: list[Ref] = [image.target_ref(addr + bug_disp(ptr), 0, frags)]
@@ -215,7 +243,7 @@ def _linked_entry(image: LinkedImage, kind: str, addr: int, typ: int, func_addr:
         refs.append(image.target_ref(addr + bug_disp(msg), 0, frags))
     line = (bug_line_bits(loc) << 8) | bug_line_bits(ptr)
     return Entry(DiffKind.BUG_FRAME, addr + bug_disp(loc) - func_addr,
-                 (f"type={typ}",), tuple(refs), line=line)
+                 (f"type={typ}",), tuple(refs), line=line, where=where)
 
 
 def _s32(raw: bytes) -> int:

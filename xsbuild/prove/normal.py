@@ -44,8 +44,17 @@ def _refs_match(a: tuple[Ref, ...], b: tuple[Ref, ...], exact: bool) -> bool:
     if len(a) != len(b):
         return False
     if exact:
-        return a == b
+        return all(_exact_key(x) == _exact_key(y) for x, y in zip(a, b, strict=True))
     return all(set(x) & set(y) for x, y in zip(a, b, strict=True))
+
+
+def _exact_key(ref: Ref) -> Ref:
+    """What must agree between two hypervisors: the literal when there is one (a string's
+    neighbours in ``.rodata`` move when the patch adds or drops an object: the name of the
+    object that ends before it is noise), else the first name (the covering symbol; the
+    labels that share its address are aliases)."""
+    literal = tuple(r for r in ref if r[:1] in ('"', "="))
+    return literal or ref[:1]
 
 
 def alt_fields(alt: object) -> tuple[object, ...]:
@@ -62,16 +71,18 @@ class Entry:
     frames) compared only for equivalence (the differ does not carry line-only changes)."""
 
     kind: DiffKind
-    offset: int  # of the patch site in the function
+    offset: int  # of the patch site in the function (or in the fragment ``where`` names)
     fields: tuple[object, ...]
     refs: tuple[Ref, ...] = ()
     code: tuple[NInsn, ...] = ()  # an alternative's replacement
     line: int = 0
+    where: str = ""  # "code#k" for a site in unnamed code the function reaches
 
     def text(self) -> str:
         refs = " ".join("<" + "|".join(r) + ">" for r in self.refs)
         code = "; ".join(i.text for i in self.code)
-        parts = [f"{self.kind} at +{self.offset:#x}", " ".join(map(str, self.fields)), refs]
+        at = f"{self.where}+{self.offset:#x}" if self.where else f"+{self.offset:#x}"
+        parts = [f"{self.kind} at {at}", " ".join(map(str, self.fields)), refs]
         if self.kind is DiffKind.BUG_FRAME:
             parts.append(f"line {self.line}")
         if code:
@@ -80,6 +91,7 @@ class Entry:
 
     def same_as(self, other: Entry, *, lines: bool, exact: bool = False) -> bool:
         return (self.kind == other.kind and self.offset == other.offset
+                and self.where == other.where
                 and self.fields == other.fields and (not lines or self.line == other.line)
                 and _refs_match(self.refs, other.refs, exact)
                 and len(self.code) == len(other.code)
@@ -119,15 +131,16 @@ def compare_units(a: Unit, b: Unit, *, lines: bool = True, exact: bool = False,
     return out[:1] if first_only and out else out
 
 
-def _entry_order(e: Entry) -> tuple[str, int, str]:
-    return (str(e.kind), e.offset, repr(e.fields))
+def _entry_order(e: Entry) -> tuple[str, str, int, str]:
+    return (e.where, str(e.kind), e.offset, repr(e.fields))
 
 
 def _pair_entries(a: list[Entry], b: list[Entry]) -> Iterable[tuple[Entry | None, Entry | None]]:
     """Pair entries by (kind, site); the leftovers pair with nothing."""
     rest = list(b)
     for x in a:
-        match = next((y for y in rest if y.kind == x.kind and y.offset == x.offset), None)
+        match = next((y for y in rest if y.kind == x.kind and y.offset == x.offset
+                      and y.where == x.where), None)
         if match is not None:
             rest.remove(match)
         yield x, match
@@ -247,6 +260,11 @@ class Fragments:
             self.keys[key] = len(self.keys)
             self.todo.append((self.keys[key], key))
         return (f"code#{self.keys[key]}" + (f"+{delta:#x}" if delta else ""),)
+
+
+def decoded_end(insns: list[NInsn]) -> int:
+    """How far from its start a fragment's decoded instructions reach."""
+    return insns[-1].offset + len(insns[-1].masked) if insns else 0
 
 
 def is_terminator(insn: object) -> bool:

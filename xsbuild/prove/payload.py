@@ -24,6 +24,7 @@ from xsbuild.prove.normal import (
     bug_line_bits,
     data_ref,
     decode,
+    decoded_end,
     insn_text,
     is_terminator,
     mask,
@@ -56,15 +57,16 @@ def xen_name(sym: Symbol) -> str:
     return f"{sym.file}#{name}"
 
 
-def _owner(sec: Section, offset: int) -> Symbol | None:
-    """The function/object symbol of ``sec`` covering ``offset`` (or ending there)."""
+def _owner(sec: Section, offset: int, *, ending: bool = True) -> Symbol | None:
+    """The function/object symbol of ``sec`` covering ``offset`` (or, ``ending``, ending
+    there: the end of an array is named after it)."""
     best = None
     for s in sec.symbols:
         if s.type not in (STT_FUNC, STT_OBJECT) or not s.name:
             continue
         if s.value <= offset < s.value + max(s.size, 1):
             return s
-        if s.size and s.value + s.size == offset:
+        if ending and s.size and s.value + s.size == offset:
             best = s
     return best
 
@@ -81,6 +83,9 @@ class PayloadImage:
     xen_depends: bytes
     # read-only data objects the payload defines (changed const tables it carries), by Xen name
     tables: dict[str, Symbol] = field(default_factory=dict)
+    # entries whose site no function covers (unnamed code after a function in its section):
+    # id(code section) -> (site, entry section, offset, type)
+    loose: dict[int, list[tuple[int, Section, int, int]]] = field(default_factory=dict)
 
     @classmethod
     def load(cls, path: str | Path) -> PayloadImage:
@@ -112,9 +117,11 @@ class PayloadImage:
                     continue
                 site = reloc.sym.value + (_bug_target(reloc.addend, 0) if typ >= 0
                                           else reloc.addend)
-                owner = _owner(reloc.sym.sec, site)
+                owner = _owner(reloc.sym.sec, site, ending=False)
                 if owner is not None:
                     self.entries.setdefault(id(owner), []).append((sec, off, typ))
+                else:
+                    self.loose.setdefault(id(reloc.sym.sec), []).append((site, sec, off, typ))
 
 
 def _reloc_at(sec: Section, offset: int) -> Reloc | None:
@@ -152,9 +159,9 @@ def payload_unit(payload: PayloadImage, sym: Symbol, name: str) -> Unit:
     frags = Fragments()
     size = sym.size or (sym.sec.size - sym.value)
     insns = _payload_insns(sym.sec, sym.value, size, frags, sym.value)
-    entries = [_payload_entry(sec, off, typ, sym, frags)
+    entries = [_payload_entry(sec, off, typ, sym.value, frags)
                for sec, off, typ in payload.entries.get(id(sym), [])]
-    return Unit(name, insns, _payload_fragments(frags), entries)
+    return Unit(name, insns, _payload_fragments(payload, frags, entries), entries)
 
 
 def _payload_insns(sec: Section, start: int, size: int, frags: Fragments, origin: int,
@@ -204,7 +211,11 @@ def _section_ref(sec: Section, where: int, operand_size: int, frags: Fragments,
                  named: Symbol | None = None) -> Ref:
     if sec.is_string or sec.is_merge_const:
         return data_ref(bytes(sec.data[where:where + MAX_STRING]), operand_size)
-    owner = named if named is not None and named.type != STT_SECTION else _owner(sec, where)
+    # Code right after a function in its section is not the function's end but unnamed code
+    # (an unlikely path ``.subsection 1`` puts there, e.g. the ``ud2`` of Xen's vmread
+    # helpers): the linked side, where the function's symbol stops there too, sees it so.
+    owner = named if named is not None and named.type != STT_SECTION else _owner(
+        sec, where, ending=not sec.is_text or where >= sec.size)
     if owner is not None:
         return (with_offset(xen_name(owner), where - owner.value),)
     if sec.is_text:
@@ -230,45 +241,57 @@ def table_fields(sym: Symbol) -> list[tuple[int, int, int, Ref]]:
     return out
 
 
-def _payload_fragments(frags: Fragments) -> list[list[NInsn]]:
+def _payload_fragments(payload: PayloadImage, frags: Fragments,
+                       entries: list[Entry]) -> list[list[NInsn]]:
+    """The unnamed code reached, fragment by fragment, adding to ``entries`` those whose site
+    is in it (the bug frames of an unlikely path's ``ud2``)."""
     out: list[list[NInsn]] = []
     while frags.todo:
-        _k, key = frags.todo.pop(0)
+        k, key = frags.todo.pop(0)
         _tag, sec_id, where = key  # type: ignore[misc]
         sec = frags.sections[sec_id]
         end = frags.end_of(sec_id, where, len(sec.data))
-        out.append(_payload_insns(sec, where, end - where, frags, where, fragment=True))
+        insns = _payload_insns(sec, where, end - where, frags, where, fragment=True)
+        out.append(insns)
+        stop = where + decoded_end(insns)
+        for site, esec, off, typ in sorted(payload.loose.get(sec_id, []), key=lambda e: e[0]):
+            if where <= site < stop:
+                entries.append(_payload_entry(esec, off, typ, where, frags, f"code#{k}"))
     return out
 
 
-def _payload_entry(sec: Section, off: int, typ: int, func: Symbol, frags: Fragments) -> Entry:
+def _payload_entry(sec: Section, off: int, typ: int, origin: int, frags: Fragments,
+                   where: str = "") -> Entry:
+    """The entry at ``off`` of ``sec``, its site relative to ``origin`` (the function's
+    offset, or the start of the fragment ``where`` names)."""
     if typ == -1:  # .altinstructions
         alt = xen_abi.ALT_INSTR.unpack(sec.data, off)
         orig = _reloc_at(sec, off + xen_abi.ALT_OFF_ORIG)
         repl = _reloc_at(sec, off + xen_abi.ALT_OFF_REPL)
-        site = orig.sym.value + orig.addend - func.value if orig else -1
+        site = orig.sym.value + orig.addend - origin if orig else -1
         code: list[NInsn] = []
         if repl is not None and repl.sym.sec is not None:
             start = repl.sym.value + repl.addend
             frags.bound(id(repl.sym.sec), start, start + alt.repl_len)
             code = _payload_insns(repl.sym.sec, start, alt.repl_len, frags, start)
-        return Entry(DiffKind.ALTERNATIVE, site, alt_fields(alt), code=tuple(code))
+        return Entry(DiffKind.ALTERNATIVE, site, alt_fields(alt), code=tuple(code), where=where)
     if typ == -2:  # .ex_table
         site_r = _reloc_at(sec, off + xen_abi.EX_TABLE_OFF_ADDR)
         cont_r = _reloc_at(sec, off + xen_abi.EX_TABLE_OFF_CONT)
-        site = site_r.sym.value + site_r.addend - func.value if site_r else -1
+        site = site_r.sym.value + site_r.addend - origin if site_r else -1
         refs = (_reloc_ref(cont_r, 0, 0, frags),) if cont_r else (("?",),)
-        return Entry(DiffKind.EX_TABLE, site, (), refs)
+        return Entry(DiffKind.EX_TABLE, site, (), refs, where=where)
     loc_r = _reloc_at(sec, off + xen_abi.BUG_FRAME_OFF_LOC)
     ptr_r = _reloc_at(sec, off + xen_abi.BUG_FRAME_OFF_PTR)
-    site = loc_r.sym.value + _bug_target(loc_r.addend, 0) - func.value if loc_r else -1
+    site = loc_r.sym.value + _bug_target(loc_r.addend, 0) - origin if loc_r else -1
     refs_l: list[Ref] = [_bug_ref(ptr_r, xen_abi.BUG_FRAME_OFF_PTR, frags)]
     if xen_abi.BUG_FRAME_SECTIONS[typ] == xen_abi.BUG_FRAME_ASSERT:  # the message follows
         msg = xen_abi.BUG_FRAME_OFF_MSG
         refs_l.append(_bug_ref(_reloc_at(sec, off + msg), msg, frags))
     line = ((bug_line_bits(loc_r.addend & 0xFFFFFFFF) if loc_r else 0) << 8) | (
         bug_line_bits(ptr_r.addend & 0xFFFFFFFF) if ptr_r else 0)
-    return Entry(DiffKind.BUG_FRAME, site, (f"type={typ}",), tuple(refs_l), line=line)
+    return Entry(DiffKind.BUG_FRAME, site, (f"type={typ}",), tuple(refs_l), line=line,
+                 where=where)
 
 
 def _bug_ref(reloc: Reloc | None, field_offset: int, frags: Fragments) -> Ref:
