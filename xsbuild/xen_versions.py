@@ -220,11 +220,9 @@ _MOV_EAX_IMM32 = 0xB8  # mov $imm32, %eax: how gcc returns a constant
 _LEA_RAX_RIP = bytes.fromhex("488d05")  # lea rel32(%rip), %rax: how gcc returns a string
 
 
-def read_xen_version(xs: XenSymbols) -> Target:
-    """The hypervisor's version and CONFIG_ALTERNATIVE_CALL, as ``xs`` records them.
-
-    Raises ``UsageError`` when ``xs`` holds neither source (give ``--xen-version``).
-    """
+def read_xen_version(xs: XenSymbols) -> Target | None:
+    """The hypervisor's version and CONFIG_ALTERNATIVE_CALL, as ``xs`` records them; None when
+    ``xs`` holds neither source (a stand-in image: give ``--xen-version``)."""
     config = _config_text(xs)
     if config is not None:
         m = _CONFIG_HEADER.search(config)
@@ -232,10 +230,7 @@ def read_xen_version(xs: XenSymbols) -> Target:
             altcall = re.search(rb"^CONFIG_ALTERNATIVE_CALL=y$", config, re.M) is not None
             return Target(XenVersion.parse(m[1].decode()), VersionSource.CONFIG, altcall)
     version = _version_from_code(xs)
-    if version is None:
-        raise UsageError(f"{xs.path}: cannot tell which Xen this is (no embedded .config, no "
-                         "xen_major_version/xen_minor_version code): give --xen-version X.Y.Z")
-    return Target(version, VersionSource.CODE, None)
+    return Target(version, VersionSource.CODE, None) if version is not None else None
 
 
 def _config_text(xs: XenSymbols) -> bytes | None:
@@ -299,7 +294,8 @@ def _version_from_code(xs: XenSymbols) -> XenVersion | None:
 def target_for(option: str | None, xs: XenSymbols | None) -> Target:
     """The target of ``check``: ``--xen-version``, else what ``xen-syms`` says, else unknown.
 
-    Both given: they must agree (``UsageError`` otherwise), and xen-syms adds its config.
+    Both given: they must agree (``UsageError`` otherwise), and xen-syms adds its config.  A
+    xen-syms that does not tell its version is no error: the rules common to all releases apply.
     """
     from_syms = read_xen_version(xs) if xs is not None else None
     if option is None:
