@@ -1,5 +1,7 @@
 """Every apply-tool command against the simulator, success and failure paths, exit codes and output.
 
+Every test runs against each simulated Xen release of :data:`SIM_VERSIONS` (the ``xsb``
+fixture is parametrized): interface 0x15 or 0x16, the op's flags, the loader's order.
 Commands run in-process through :func:`xsbuild.cli.main` (the real error handler and exit codes);
 two tests also start the console script in a subprocess to check the installed entry point and
 that the simulator's state carries over between processes.
@@ -28,6 +30,7 @@ from tests.test_apply_sim import (  # noqa: F401 - fixtures shared with the libr
 )
 from xsbuild.cli import main
 from xsbuild.hypercall import privcmd
+from xsbuild.xen_versions import XenVersion
 
 
 @dataclass
@@ -40,15 +43,28 @@ class Result:
         return json.loads(self.out)
 
 
+# One release per behaviour that differs (xsbuild/xen_versions.py): 4.17.5 (Debian bookworm),
+# 4.18.0 (no flags, funcs written at APPLY), 4.19.6 (FORCE, xen_depends first), 4.20.4,
+# 4.21.2 (interface 0x16).
+SIM_VERSIONS = ("4.17.5", "4.18.0", "4.19.6", "4.20.4", "4.21.2")
+
+
+@pytest.fixture(params=SIM_VERSIONS)
+def sim_version(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
 @pytest.fixture
 def xsb(tmp_path: Path, hv: Image, monkeypatch: pytest.MonkeyPatch,  # noqa: F811
-        capsys: pytest.CaptureFixture[str]):
-    """``xsb("apply", "x", env={...})`` runs the CLI on a fresh simulator; returns a Result."""
+        capsys: pytest.CaptureFixture[str], sim_version: str):
+    """``xsb("apply", "x", env={...})`` runs the CLI on a fresh simulator of ``sim_version``;
+    returns a Result."""
     state = tmp_path / "sim.json"
     for var in ("XSBUILD_SIM_CPU_DELAYS", "XSBUILD_SIM_POLLS", "XSBUILD_SIM_INTERFACE",
                 "XSBUILD_BACKEND", "XSBUILD_TRACEBACK"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("XSBUILD_SIM_STATE", str(state))
+    monkeypatch.setenv("XSBUILD_SIM_XEN_VERSION", sim_version)
     first = [True]
 
     def call(*args: str, env: dict[str, str] | None = None) -> Result:
@@ -88,12 +104,13 @@ def stacked(make_payload: PayloadFactory) -> tuple[Path, Path]:  # noqa: F811
 # ------------------------------------------------------------------------------------------------
 
 
-def test_list_empty_and_json(xsb, hv: Image) -> None:  # noqa: F811
+def test_list_empty_and_json(xsb, hv: Image, sim_version: str) -> None:  # noqa: F811
     res = xsb("list")
     assert (res.rc, res.out.strip()) == (0, "Nothing to list")
     data = xsb("list", "--json").json()
     assert data["payloads"] == [] and data["build_id"] == hv.build_id
-    assert data["interface_version"] == "0x15"
+    new = XenVersion.parse(sim_version) >= XenVersion(4, 21, 0)
+    assert data["interface_version"] == ("0x16" if new else "0x15")
 
 
 def test_upload_apply_revert_unload(xsb, make_payload: PayloadFactory) -> None:  # noqa: F811
@@ -132,6 +149,34 @@ def test_upload_failures(xsb, make_payload: PayloadFactory, other_hv: Image,  # 
     assert res.rc == 2 and "cannot read" in one_line_error(res)
     res = xsb("upload", "n" * 128, str(path))
     assert res.rc == 2 and "at most 127" in one_line_error(res)
+
+
+def test_force_needs_4_19(xsb, make_payload: PayloadFactory,  # noqa: F811
+                          sim_version: str) -> None:
+    """LIVEPATCH_FLAG_FORCE exists from 4.19 (spec §4.2): older releases get a one-line refusal
+    before any UPLOAD (exit 2), newer ones take the payload."""
+    path = make_payload("hello")
+    res = xsb("upload", "hello", str(path), "--force", "--json")
+    if XenVersion.parse(sim_version) < XenVersion(4, 19, 0):
+        line = one_line_error(res)
+        assert res.rc == 2 and f"this hypervisor is Xen {sim_version}" in line
+        assert "--force needs Xen 4.19 or later" in line and "Nothing was uploaded" in line
+        assert xsb("list", "--json").json()["payloads"] == []
+        res = xsb("load", str(path), "--force")
+        assert res.rc == 2 and "--force needs Xen 4.19" in one_line_error(res)
+    else:
+        assert res.rc == 0 and res.json()["forced"] is True
+        assert xsb("load", str(make_payload("forced_load")), "--force").rc == 0
+
+
+def test_list_pages_through_many_names(xsb, make_payload: PayloadFactory) -> None:  # noqa: F811
+    """LIST with several payloads: 0x15 sizes from the probe, 0x16 sizes IN (-ENOBUFS)."""
+    names = [f"p{i}-{'x' * 60}" for i in range(5)]
+    path = make_payload("hello")
+    assert xsb("upload", names[0], str(path)).rc == 0
+    for i, name in enumerate(names[1:], 1):
+        assert xsb("upload", name, str(make_payload(f"many{i}"))).rc == 0
+    assert [p["name"] for p in xsb("list", "--json").json()["payloads"]] == names
 
 
 def test_apply_unknown_payload(xsb) -> None:

@@ -27,9 +27,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from xsbuild import xen_abi
-from xsbuild.errors import HypercallError, HypervisorBusy, UsageError, XsbuildError
+from xsbuild.errors import (
+    ForceUnsupportedError,
+    HypercallError,
+    HypervisorBusy,
+    UsageError,
+    XsbuildError,
+)
 from xsbuild.hypercall import Backend, PayloadEntry, Status, state_name
 from xsbuild.hypercall.backend import parse_duration_ns
+from xsbuild.xen_versions import Rule, Target, VersionSource
 
 __all__ = ["ACTIONS", "ActionOptions", "ActionResult", "load", "parse_duration_ns", "run_action",
            "upload"]
@@ -353,6 +360,7 @@ class UploadResult:
     name: str
     path: str
     size: int
+    forced: bool = False
 
     def to_json(self) -> dict[str, object]:
         return asdict(self)
@@ -410,18 +418,35 @@ def precheck_payload(path: str | os.PathLike[str], name: str) -> bytes:
     return data
 
 
-def upload(backend: Backend, name: str, path: str | os.PathLike[str]) -> UploadResult:
+def upload_flags(backend: Backend, name: str, force: bool) -> int:
+    """The op flags for UPLOAD: ``LIVEPATCH_FLAG_FORCE`` with ``force``, which only 4.19 and
+    later can carry (before, the field is a pad that must be 0, spec §4.2): refused at once,
+    before any UPLOAD, against an older hypervisor."""
+    if not force:
+        return 0
+    version = backend.xen_version()
+    if not Target(version, VersionSource.HYPERVISOR).has(Rule.FLAG_FORCE):
+        raise ForceUnsupportedError(
+            f"upload {name}: --force needs Xen 4.19 or later (LIVEPATCH_FLAG_FORCE); this "
+            f"hypervisor is Xen {version}, whose livepatch op has no flags. Nothing was "
+            "uploaded. Next: upload without --force")
+    return xen_abi.LIVEPATCH_FLAG_FORCE
+
+
+def upload(backend: Backend, name: str, path: str | os.PathLike[str],
+           force: bool = False) -> UploadResult:
     """UPLOAD ``path`` as ``name`` (synchronous: the loader's checks run in the hypercall)."""
     data = precheck_payload(path, name)
+    flags = upload_flags(backend, name, force)
     try:
-        backend.upload(name, data)
+        backend.upload(name, data, flags)
     except HypercallError as exc:
         hint = _upload_hint(backend, name, exc.errno_value)
         raise _fail(isinstance(exc, HypervisorBusy), exc.errno_value,
                     f"upload {name}: the UPLOAD hypercall failed: "
                     f"-{xen_abi.errno_name(exc.errno_value)}. Nothing was loaded. Next: {hint}")\
             from None
-    return UploadResult(name, str(path), len(data))
+    return UploadResult(name, str(path), len(data), forced=bool(flags))
 
 
 def _upload_hint(backend: Backend, name: str, errno_value: int) -> str:
@@ -460,11 +485,12 @@ def _with_context(exc: XsbuildError, text: str) -> XsbuildError:
 
 
 def load(backend: Backend, path: str | os.PathLike[str], opts: ActionOptions | None = None, *,
-         name: str | None = None, sleep: Callable[[float], None] = time.sleep,
+         name: str | None = None, force: bool = False,
+         sleep: Callable[[float], None] = time.sleep,
          clock: Callable[[], float] = time.monotonic) -> tuple[UploadResult, ActionResult]:
     """Upload then apply; if the apply fails, unload again so nothing is left half-done."""
     name = name or name_from_path(path)
-    up = upload(backend, name, path)
+    up = upload(backend, name, path, force=force)
     try:
         applied = run_action(backend, "apply", name, opts, sleep=sleep, clock=clock)
     except XsbuildError as exc:

@@ -1,10 +1,16 @@
-"""Validate a payload offline, the way Xen 4.17's loader will at UPLOAD (spec §1 and §2).
+"""Validate a payload offline, the way the target Xen's loader will at UPLOAD (spec §1, §2, §8).
 
 Public interface (used by the CLI, the simulator and ``build``):
 
-* :func:`check_payload` ``(data, xen_syms=None, loaded=()) -> CheckReport``
-* :class:`CheckReport`: ``problems`` (each with the errno Xen would return), ``ok``, and ``info``
-  (what the simulator and ``inspect`` need: build-ids, funcs, hooks, new symbols, ...).
+* :func:`check_payload` ``(data, xen_syms=None, loaded=(), target=None) -> CheckReport``
+* :class:`CheckReport`: ``problems`` (each with the errno Xen would return), ``ok``, ``info``
+  (what the simulator and ``inspect`` need: build-ids, funcs, hooks, new symbols, ...) and the
+  ``target`` checked against.
+
+The rules are those of 4.17.5; where a release differs (:mod:`xsbuild.xen_versions`), the
+checker asks ``target.has(Rule.X)``.  A problem is of one of two kinds: ``loader`` (that Xen
+refuses the payload with this errno) or ``hazard`` (that Xen accepts it and then misbehaves:
+crashes the host, patches the wrong bytes, leaves call sites unpatched); xsbuild refuses both.
 """
 
 from __future__ import annotations
@@ -13,18 +19,27 @@ import dataclasses
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
 
 from xsbuild import xen_abi
 from xsbuild.elfraw import RawSection
+from xsbuild.xen_versions import UNKNOWN_TARGET, Rule, Target
 from xsbuild.xensyms import XenSymbols, parse_build_id_note
+
+
+class ProblemKind(StrEnum):
+    LOADER = "loader"  # the loader refuses the payload with this errno
+    HAZARD = "hazard"  # the loader accepts it, then the host misbehaves; xsbuild refuses it
 
 
 @dataclass(frozen=True, slots=True)
 class Problem:
-    """One reason the hypervisor would reject the payload."""
+    """One reason the hypervisor would reject the payload (or should)."""
 
     errno: int  # positive Xen errno value, e.g. xen_abi.EINVAL
     message: str
+    kind: ProblemKind = ProblemKind.LOADER
 
     def __str__(self) -> str:
         return f"-{xen_abi.errno_name(self.errno)}: {self.message}"
@@ -65,6 +80,12 @@ class PayloadInfo:
 class CheckReport:
     problems: list[Problem] = field(default_factory=list)
     info: PayloadInfo | None = None  # None when the ELF could not be read at all
+    target: Target = UNKNOWN_TARGET  # the hypervisor release whose rules were applied
+
+    @property
+    def refusals(self) -> list[Problem]:
+        """The problems the loader itself reports (what the hypervisor returns)."""
+        return [p for p in self.problems if p.kind == ProblemKind.LOADER]
 
     @property
     def ok(self) -> bool:
@@ -77,15 +98,20 @@ class CheckReport:
 
 
 def check_payload(data: bytes, xen_syms: XenSymbols | None = None,
-                  loaded: Iterable[PayloadInfo] = ()) -> CheckReport:
-    """Check payload bytes as Xen 4.17's UPLOAD would (spec §2 order).
+                  loaded: Iterable[PayloadInfo] = (), target: Target | None = None,
+                  xen_build_id: bytes | None = None) -> CheckReport:
+    """Check payload bytes as ``target``'s UPLOAD would (spec §2 order, §8 differences).
 
     ``xen_syms`` enables the checks that need the hypervisor (undefined symbols, funcs names,
     ENDBR sizes, name clashes, xen_depends); ``loaded`` are payloads already uploaded (their new
-    symbols and build-ids take part in the -EEXIST checks).  Never raises on malformed input: every
-    problem becomes a :class:`Problem`.
+    symbols and build-ids take part in the -EEXIST checks); ``target`` is the release (unknown:
+    the rules common to 4.17 and later); ``xen_build_id`` the hypervisor's build-id when there is
+    no ``xen_syms`` (the simulator).  Never raises on malformed input: every problem becomes a
+    :class:`Problem`.
     """
-    checker = _Checker(data, xen_syms, list(loaded))
+    checker = _Checker(data, xen_syms, list(loaded), target or UNKNOWN_TARGET,
+                       xen_build_id if xen_build_id is not None
+                       else xen_syms.build_id if xen_syms is not None else None)
     try:
         checker.run()
     except _Stop:
@@ -114,18 +140,27 @@ _SHN_UNDEF, _SHN_LORESERVE, _SHN_ABS, _SHN_COMMON = 0, 0xFF00, 0xFFF1, 0xFFF2
 
 
 class _Checker:
-    def __init__(self, data: bytes, xs: XenSymbols | None, loaded: list[PayloadInfo]) -> None:
+    def __init__(self, data: bytes, xs: XenSymbols | None, loaded: list[PayloadInfo],
+                 target: Target, xen_build_id: bytes | None) -> None:
         self.data = data
         self.xs = xs
         self.loaded = loaded
-        self.report = CheckReport(info=None)
+        self.target = target
+        self.xen_build_id = xen_build_id
+        self.build_id_first = target.has(Rule.XEN_BUILD_ID_FIRST)
+        self.report = CheckReport(info=None, target=target)
         self.info = PayloadInfo()
         self.shdrs: list[RawSection] = []
         self.syms: list[_Sym] = []
         self.symtab_index = 0
 
-    def fail(self, errno: int, message: str) -> None:
-        self.report.problems.append(Problem(errno, message))
+    def fail(self, errno: int, message: str, kind: ProblemKind = ProblemKind.LOADER) -> None:
+        self.report.problems.append(Problem(errno, message, kind))
+
+    def fail_unless(self, rule: Rule, errno: int, message: str) -> None:
+        """A loader problem where ``rule`` holds; a hazard (Xen goes ahead) where it does not."""
+        kind = ProblemKind.LOADER if self.target.has(rule) else ProblemKind.HAZARD
+        self.fail(errno, message, kind)
 
     def stop(self, errno: int, message: str) -> None:
         self.fail(errno, message)
@@ -137,6 +172,8 @@ class _Checker:
         self.read_sections()
         self.read_symbols()
         self.report.info = self.info
+        if self.build_id_first:
+            self.check_xen_depends_first()
         self.check_layout()
         self.check_symbols()
         self.check_relocations()
@@ -144,6 +181,7 @@ class _Checker:
         self.check_patching_sections()
         self.check_funcs()
         self.check_hooks()
+        self.check_funcs_writable()
         self.check_arch_sections()
         self.check_build_ids()
         self.check_new_symbols()
@@ -357,15 +395,37 @@ class _Checker:
                            (xen_abi.SEC_XEN_DEPENDS, "xen_depends"),
                            (xen_abi.SEC_BUILD_ID, "build_id")):
             sh = self.section(name)
+            checked_first = self.build_id_first and name == xen_abi.SEC_XEN_DEPENDS
             if sh is None or not sh.size:
-                self.fail(xen_abi.EINVAL, f"{name} is missing or empty")
+                if not checked_first:
+                    self.fail(xen_abi.EINVAL, f"{name} is missing or empty")
+                continue
+            desc = parse_build_id_note(self.body(sh))
+            setattr(self.info, attr, desc)
+            if checked_first:
                 continue
             if not sh.is_alloc:
                 self.fail(xen_abi.EINVAL, f"{name} is not SHF_ALLOC (Xen reads it in memory)")
-            desc = parse_build_id_note(self.body(sh))
             if not desc:
                 self.fail(xen_abi.EINVAL, f"{name} is not a valid GNU build-id note")
-            setattr(self.info, attr, desc)
+
+    def check_xen_depends_first(self) -> None:
+        """4.18.4, 4.19.1, 4.20+: xen_depends against the hypervisor before anything else, so
+        a payload for another hypervisor fails with this -EINVAL whatever else is wrong."""
+        sh = self.section(xen_abi.SEC_XEN_DEPENDS)
+        if sh is None:
+            self.fail(xen_abi.EINVAL, f"{xen_abi.SEC_XEN_DEPENDS} is missing")
+            return
+        desc = parse_build_id_note(self.body(sh))
+        if not sh.size or not desc:
+            self.fail(xen_abi.EINVAL, f"failed to parse {xen_abi.SEC_XEN_DEPENDS} as a build-id")
+            return
+        self.check_xen_depends(desc)
+
+    def check_xen_depends(self, desc: bytes) -> None:
+        if self.xen_build_id is not None and desc != self.xen_build_id:
+            self.fail(xen_abi.EINVAL, f"check against hypervisor build-id failed: payload built "
+                      f"for {desc.hex()}, hypervisor is {self.xen_build_id.hex()}")
 
     def check_patching_sections(self) -> None:
         present = [self.section(n) for n in xen_abi.PATCHING_SECTIONS]
@@ -483,6 +543,7 @@ class _Checker:
                 self.fail(xen_abi.EINVAL, ".modinfo does not end with a NUL byte")
             self.info.modinfo = body
         self.check_alternatives()
+        self.check_alt_calls()
 
     def check_alternatives(self) -> None:
         alt = self.section(xen_abi.SEC_ALTINSTRUCTIONS)
@@ -494,27 +555,86 @@ class _Checker:
             return
         repl = self.section(xen_abi.SEC_ALTINSTR_REPLACEMENT)
         if repl is None:
-            self.fail(xen_abi.EINVAL, f"{alt.name} without {xen_abi.SEC_ALTINSTR_REPLACEMENT}")
+            self.fail_unless(Rule.ALTERNATIVES_BOUNDS, xen_abi.EINVAL,
+                             f"{alt.name} without {xen_abi.SEC_ALTINSTR_REPLACEMENT}")
             return
         relocs = self._relocs_of(alt)
         body = self.body(alt)
         for off in range(0, alt.size, xen_abi.ALT_INSTR_SIZE):
-            entry = xen_abi.ALT_INSTR.unpack(body, off)
-            orig_len, repl_len, pad_len = entry.orig_len, entry.repl_len, entry.pad_len
-            where = f"{alt.name} entry {off // xen_abi.ALT_INSTR_SIZE}"
-            orig = relocs.get(off + xen_abi.ALT_INSTR.offset("orig_offset"))
-            rrel = relocs.get(off + xen_abi.ALT_INSTR.offset("repl_offset"))
-            if orig is None or not self._in_text(orig[0], orig[2], orig_len):
-                self.fail(xen_abi.EINVAL, f"{where}: original instructions not in the payload's "
-                          "text")
-            if rrel is None or rrel[0].shndx != repl.index or \
-                    rrel[0].value + rrel[2] + repl_len > repl.size or rrel[0].value + rrel[2] < 0:
-                self.fail(xen_abi.EINVAL, f"{where}: replacement not inside "
-                          f"{xen_abi.SEC_ALTINSTR_REPLACEMENT}")
-            if repl_len > orig_len + pad_len or orig_len + pad_len > 254:
-                self.fail(xen_abi.EINVAL, f"{where}: replacement of {repl_len} bytes does not fit "
-                          f"{orig_len}+{pad_len}: Xen 4.17 would BUG() (crash the host) applying "
-                          "it")
+            self._check_alt_entry(alt, repl, relocs, off, xen_abi.ALT_INSTR.unpack(body, off))
+
+    def _check_alt_entry(self, alt: RawSection, repl: RawSection,
+                         relocs: dict[int, tuple[_Sym, int, int]], off: int,
+                         entry: Any) -> None:
+        orig_len, repl_len, pad_len = entry.orig_len, entry.repl_len, entry.pad_len
+        where = f"{alt.name} entry {off // xen_abi.ALT_INSTR_SIZE}"
+        orig = relocs.get(off + xen_abi.ALT_INSTR.offset("orig_offset"))
+        rrel = relocs.get(off + xen_abi.ALT_INSTR.offset("repl_offset"))
+        if orig is None or not self._in_text(orig[0], orig[2], orig_len):
+            self.fail_unless(Rule.ALTERNATIVES_BOUNDS, xen_abi.EINVAL,
+                             f"{where}: original instructions not in the payload's text"
+                             + self._unchecked(Rule.ALTERNATIVES_BOUNDS))
+        if rrel is None or rrel[0].shndx != repl.index or \
+                rrel[0].value + rrel[2] + repl_len > repl.size or rrel[0].value + rrel[2] < 0:
+            self.fail_unless(Rule.ALTERNATIVES_BOUNDS, xen_abi.EINVAL,
+                             f"{where}: replacement not inside "
+                             f"{xen_abi.SEC_ALTINSTR_REPLACEMENT}"
+                             + self._unchecked(Rule.ALTERNATIVES_BOUNDS))
+        if repl_len > orig_len + pad_len or orig_len + pad_len > 254:
+            fits = f"{where}: replacement of {repl_len} bytes does not fit {orig_len}+{pad_len}"
+            if self.target.has(Rule.ALTERNATIVES_ERRNO):
+                self.fail(xen_abi.ENOSPC, fits)
+            else:
+                self.fail(xen_abi.EINVAL, f"{fits}: {self._xen()} would BUG() (crash the host) "
+                          "applying it", ProblemKind.HAZARD)
+
+    def _xen(self) -> str:
+        v = self.target.version
+        return f"Xen {v}" if v is not None else "Xen 4.17"
+
+    def _unchecked(self, rule: Rule) -> str:
+        """The tail of a hazard's message: this release does not check it."""
+        if self.target.has(rule):
+            return ""
+        return f" ({self._xen()} does not check this and patches wherever it points)"
+
+    # -- per-release sections (§1.5, §8) -------------------------------------------------------
+    def check_funcs_writable(self) -> None:
+        """4.17.1, 4.17.2, 4.18.0 write into .livepatch.funcs at APPLY with CR0.WP set."""
+        sh = self.section(xen_abi.SEC_FUNCS)
+        if sh is None or not sh.size or sh.flags & _SHF_WRITE:
+            return
+        if self.target.has(Rule.FUNCS_WRITTEN_AT_APPLY):
+            self.fail(xen_abi.EINVAL, f"{sh.name} is read-only: {self._xen()} writes into it "
+                      "at APPLY and would page-fault (crash the host); make it writable "
+                      "(SHF_ALLOC|SHF_WRITE)", ProblemKind.HAZARD)
+
+    def check_alt_calls(self) -> None:
+        """4.21+: .alt_call_sites, s32 offsets each naming a 6-byte indirect call in the text."""
+        sh = self.section(xen_abi.SEC_ALT_CALL_SITES)
+        if sh is None:
+            return
+        if not self.target.has(Rule.ALT_CALL_SITES):
+            if sh.size:
+                self.fail(xen_abi.EOPNOTSUPP, f"{sh.name}: {self._xen()} does not know it "
+                          "(4.21+): it would load it as plain data and never patch the call "
+                          "sites; build the payload from this hypervisor's tree",
+                          ProblemKind.HAZARD)
+            return
+        if self.target.alternative_call is False:
+            self.fail(xen_abi.EOPNOTSUPP, f"{sh.name}: alternative calls not supported (the "
+                      "hypervisor is built without CONFIG_ALTERNATIVE_CALL)")
+            return
+        size = xen_abi.ALT_CALL.size
+        if sh.size % size:
+            self.fail(xen_abi.EINVAL, f"{sh.name}: size {sh.size} is not a multiple of {size}")
+            return
+        relocs = self._relocs_of(sh)
+        for off in range(0, sh.size, size):
+            site = relocs.get(off + xen_abi.ALT_CALL.offset("offset"))
+            if site is None or not self._in_text(site[0], site[2], xen_abi.ALT_CALL_SITE_LEN):
+                self.fail(xen_abi.EINVAL, f"{sh.name} entry {off // size}: call site outside "
+                          "the payload's text")
 
     def _in_text(self, sym: _Sym, addend: int, length: int) -> bool:
         if not 0 < sym.shndx < len(self.shdrs):
@@ -528,11 +648,8 @@ class _Checker:
     def check_build_ids(self) -> None:
         if self.info.build_id and any(p.build_id == self.info.build_id for p in self.loaded):
             self.fail(xen_abi.EEXIST, "a loaded payload has the same build-id")
-        if self.xs is not None and self.info.xen_depends and \
-                self.info.xen_depends != self.xs.build_id:
-            self.fail(xen_abi.EINVAL, f"check against hypervisor build-id failed: payload built "
-                      f"for {self.info.xen_depends.hex()}, hypervisor is "
-                      f"{self.xs.build_id.hex()}")
+        if not self.build_id_first and self.info.xen_depends:
+            self.check_xen_depends(self.info.xen_depends)
 
     def check_new_symbols(self) -> None:
         overriding = {f.new_symbol for f in self.info.funcs if f.new_symbol}

@@ -32,6 +32,10 @@ class UsageError(XsbuildError):
     return_code = EXIT_BAD_INPUT
 
 
+class ForceUnsupportedError(UsageError):
+    """``--force`` against a hypervisor older than 4.19, whose livepatch op has no flags field."""
+
+
 class ElfParseError(UsageError):
     """An input is not an ELF object xsbuild can read (truncated, wrong class or machine, ...)."""
 

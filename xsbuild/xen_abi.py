@@ -2,7 +2,9 @@
 
 Each group names the section of ``shared/docs/xen-livepatch-spec.md`` ("spec §N") it comes from;
 the spec in turn names the Xen source file and tag.  Nothing else in xsbuild spells out a Xen
-section name, struct offset, op number or errno value.
+section name, struct offset, op number or errno value.  What differs between Xen releases
+(which loader checks run, in which order, which op flags exist) is one table in
+:mod:`xsbuild.xen_versions`, which this module owns.
 """
 
 from __future__ import annotations
@@ -71,6 +73,7 @@ SEC_ALTINSTRUCTIONS = ".altinstructions"
 SEC_ALTINSTR_REPLACEMENT = ".altinstr_replacement"
 SEC_EX_TABLE = ".ex_table"
 SEC_FIXUP = ".fixup"
+SEC_ALT_CALL_SITES = ".alt_call_sites"  # 4.21+ (spec §8): struct alt_call {s32 offset;}
 BUG_FRAME_SECTIONS = (".bug_frames.0", ".bug_frames.1", ".bug_frames.2", ".bug_frames.3")
 REQUIRED_NOTE_SECTIONS = (SEC_DEPENDS, SEC_XEN_DEPENDS, SEC_BUILD_ID)
 
@@ -140,6 +143,12 @@ XEN_BUG_FRAME_RANGES = (("__start_bug_frames", "__stop_bug_frames_0"),
                         ("__stop_bug_frames_0", "__stop_bug_frames_1"),
                         ("__stop_bug_frames_1", "__stop_bug_frames_2"),
                         ("__stop_bug_frames_2", "__stop_bug_frames_3"))
+
+
+# struct alt_call (4.21+, x86 asm/alternative-call.h; spec §8): the offset, relative to the field,
+# of a 6-byte indirect call (``call *fn(%rip)``) that boot code turns into a direct call.
+ALT_CALL = Layout("alt_call", ("offset", "i"))
+ALT_CALL_SITE_LEN = 6
 
 
 def special_entry_size(section: str) -> int:
@@ -251,6 +260,7 @@ EFAULT = 14
 EBUSY = 16
 EEXIST = 17
 EINVAL = 22
+ENOSPC = 28
 ERANGE = 34
 ENOSYS = 38
 ENODATA = 61
@@ -260,8 +270,8 @@ ENOBUFS = 105
 ERRNO_NAMES = {
     EPERM: "EPERM", ENOENT: "ENOENT", E2BIG: "E2BIG", EAGAIN: "EAGAIN", ENOMEM: "ENOMEM",
     EACCES: "EACCES", EFAULT: "EFAULT", EBUSY: "EBUSY", EEXIST: "EEXIST", EINVAL: "EINVAL",
-    ERANGE: "ERANGE", ENOSYS: "ENOSYS", ENODATA: "ENODATA", EOVERFLOW: "EOVERFLOW",
-    EOPNOTSUPP: "EOPNOTSUPP", ENOBUFS: "ENOBUFS",
+    ENOSPC: "ENOSPC", ERANGE: "ERANGE", ENOSYS: "ENOSYS", ENODATA: "ENODATA",
+    EOVERFLOW: "EOVERFLOW", EOPNOTSUPP: "EOPNOTSUPP", ENOBUFS: "ENOBUFS",
 }
 
 
@@ -273,6 +283,8 @@ def errno_name(value: int) -> str:
 # The sysctl livepatch op (spec §4)
 HYPERVISOR_SYSCTL = 35
 HYPERVISOR_XEN_VERSION = 17
+XENVER_VERSION = 0  # returns (major << 16) | minor (xen/include/public/version.h)
+XENVER_EXTRAVERSION = 1  # fills a char[16] with the extra version (".5")
 XENVER_BUILD_ID = 10
 XEN_SYSCTL_LIVEPATCH_OP = 27
 SYSCTL_INTERFACE_VERSION_4_17 = 0x15  # 4.17.x .. 4.20.x
@@ -294,7 +306,8 @@ LIVEPATCH_ACTION_REVERT = 2
 LIVEPATCH_ACTION_APPLY = 3
 LIVEPATCH_ACTION_REPLACE = 4
 LIVEPATCH_ACTION_APPLY_NODEPS = 1  # action flags
-LIVEPATCH_FLAG_FORCE = 1  # op flags, 4.19+
+LIVEPATCH_FLAG_FORCE = 1  # op flags, 4.19+: the op's ``pad`` field became ``flags``
+LIVEPATCH_FLAGS_MASK = LIVEPATCH_FLAG_FORCE  # other bits only with FORCE (master livepatch_op)
 
 # xen_livepatch_status.state
 LIVEPATCH_STATE_CHECKED = 1

@@ -27,11 +27,18 @@ Where the hypervisor is:
   auto     privcmd when /dev/xen/privcmd exists (default)
   privcmd  this dom0's hypervisor, through /dev/xen/privcmd (root)
   libxc    the same through Xen's libxenctrl.so (if installed)
-  sim      a simulated Xen 4.17 kept in --sim-state FILE
+  sim      a simulated Xen kept in --sim-state FILE (4.17.5 unless
+           XSBUILD_SIM_XEN_VERSION says another: 4.18.0 ... 4.21.2)
 The simulator's host can be made difficult through the environment:
 XSBUILD_SIM_CPU_DELAYS=0,5ms (CPU arrival delays: a late CPU makes the
 rendezvous time out), XSBUILD_SIM_POLLS=N (status checks before an action
 completes; -1 never), XSBUILD_SIM_WAITQUEUE=1, XSBUILD_SIM_INTERFACE=0x16."""
+
+
+_FORCE = click.option(
+    "--force", is_flag=True,
+    help="Upload with LIVEPATCH_FLAG_FORCE (Xen 4.19 and later; refused at once against an "
+         "older hypervisor, whose livepatch op has no flags).")
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,7 +155,8 @@ def _action_text(res: lp.ActionResult) -> str:
 _EPILOG = """\b
 Exit codes: 0 done (or nothing to do), 1 refused by the hypervisor (or,
 before any hypercall, by the offline check), 2 bad usage or input (not an
-ELF file, truncated, another machine), 4 hypervisor busy (CPUs not gathered
+ELF file, truncated, another machine; --force against a hypervisor older
+than 4.19), 4 hypervisor busy (CPUs not gathered
 in time, another action pending): the same command may succeed later,
 e.g. with --retries."""
 
@@ -211,12 +219,13 @@ _action_command("unload", "Unload the CHECKED payload NAME (revert it first if A
     "--sim-xen-syms xen-syms"))
 @click.argument("name")
 @click.argument("file", type=click.Path(dir_okay=False))
+@_FORCE
 @_common
-def upload_cmd(name: str, file: str, backend: str, sim_state: str | None,
+def upload_cmd(name: str, file: str, force: bool, backend: str, sim_state: str | None,
                sim_xen_syms: str | None, as_json: bool) -> None:
     args = _args(backend, sim_state, sim_xen_syms, as_json)
     lp.precheck_payload(file, name)  # before the backend is even opened
-    res = _with_backend(args, lambda b: lp.upload(b, name, file))
+    res = _with_backend(args, lambda b: lp.upload(b, name, file, force=force))
     _emit(args, f"Uploading {file}... completed: {name} is CHECKED.", res.to_json(),
           "xsbuild.upload/1")
 
@@ -228,18 +237,19 @@ def upload_cmd(name: str, file: str, backend: str, sim_state: str | None,
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--name", help="Payload name (default: FILE's basename without its extension).")
 @click.option("--nodeps", is_flag=True, help="Apply without the .livepatch.depends check.")
+@_FORCE
 @_timing
 @_common
-def load_cmd(file: str, name: str | None, nodeps: bool, backend: str, sim_state: str | None,
-             sim_xen_syms: str | None, as_json: bool, timeout: str, retries: int,
-             timeout_start: str, wait: float, verbose: bool) -> None:
+def load_cmd(file: str, name: str | None, nodeps: bool, force: bool, backend: str,
+             sim_state: str | None, sim_xen_syms: str | None, as_json: bool, timeout: str,
+             retries: int, timeout_start: str, wait: float, verbose: bool) -> None:
     args = _args(backend, sim_state, sim_xen_syms, as_json)
     timing = TimingArgs(timeout, retries, timeout_start, wait, verbose)
     opts = timing.options(nodeps)
     name = check_name("--name", name)
     lp.precheck_payload(file, name or lp.name_from_path(file))
     _schedule(opts, timing)
-    up, res = _with_backend(args, lambda b: lp.load(b, file, opts, name=name))
+    up, res = _with_backend(args, lambda b: lp.load(b, file, opts, name=name, force=force))
     text = f"Uploading {file}... completed.\n{_action_text(res)}"
     _emit(args, text, {"upload": up.to_json(), "apply": res.to_json()}, "xsbuild.load/1")
 

@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from xsbuild.cli import cli
 from xsbuild.cli.common import check_name, check_output, mark_reported, parse_build_id_option
 from xsbuild.errors import EXIT_NO_CHANGE, EXIT_REFUSED, UnsupportedChangeError, UsageError
+
+if TYPE_CHECKING:
+    from xsbuild.check import CheckReport
+    from xsbuild.inspection import OtherPayload
+    from xsbuild.xensyms import XenSymbols
 
 _EXISTING = click.Path(exists=True, dir_okay=False, path_type=Path)
 _QUIET = click.option("-q", "--quiet", is_flag=True,
@@ -141,34 +147,43 @@ def link_cmd(objects: tuple[Path, ...], output: Path, xen_syms: Path, xen_depend
 @click.argument("payload", type=_EXISTING)
 @click.option("--xen-syms", type=_EXISTING,
               help="The target hypervisor: also check symbols, function sizes, build-id and "
-                   "name clashes against it.")
+                   "name clashes against it; its Xen version selects the loader's rules.")
+@click.option("--xen-version", metavar="X.Y[.Z]",
+              help="The target's Xen release when there is no xen-syms (or to confirm it): "
+                   "selects the loader's rules of that release (spec §8).")
 @click.option("--payload", "others", multiple=True, type=_EXISTING, metavar="OTHER",
               help="A payload loaded before this one (repeatable): its symbols and build-id "
                    "count as loaded, and a depends note may name its build-id.")
 @click.option("--json", "as_json", is_flag=True,
               help="Print the report as JSON on stdout (schema xsbuild.check/1).")
-def check_cmd(payload: Path, xen_syms: Path | None, others: tuple[Path, ...],
-              as_json: bool) -> int:
-    """Validate PAYLOAD offline the way Xen 4.17's loader will at upload.
+def check_cmd(payload: Path, xen_syms: Path | None, xen_version: str | None,
+              others: tuple[Path, ...], as_json: bool) -> int:
+    """Validate PAYLOAD offline the way the target Xen's loader will at upload.
 
-    Every problem is printed with the error code Xen would return (-EINVAL, -ENOENT, ...).
-    Without --xen-syms only what the payload alone determines is checked.  With --xen-syms,
-    .livepatch.depends must also be the hypervisor's build-id or that of a payload given with
-    --payload: anything else can be uploaded but never applied (-EINVAL at APPLY).
+    Every problem is printed with the error code Xen would return (-EINVAL, -ENOENT, ...), in
+    the order that Xen release checks them.  The release is read from --xen-syms (its embedded
+    .config, else its version functions) or given with --xen-version; without either only the
+    rules every release since 4.17 shares are applied.  Without --xen-syms only what the payload
+    alone determines is checked.  With --xen-syms, .livepatch.depends must also be the
+    hypervisor's build-id or that of a payload given with --payload: anything else can be
+    uploaded but never applied (-EINVAL at APPLY).  A "hazard" is a payload that release accepts
+    but then misbehaves with (crashes the host, patches the wrong bytes): refused too.
 
     \b
     Examples:
       xsbuild check fix.livepatch --xen-syms xen-syms
+      xsbuild check fix.livepatch --xen-version 4.19.6
       xsbuild check second.livepatch --xen-syms xen-syms --payload first.livepatch
 
     \b
     Exit status: 0 Xen would accept it, 1 Xen would reject it, 2 bad input
-    (not an ELF file, truncated, another machine, a missing file).
+    (not an ELF file, truncated, another machine, a missing file, a bad or
+    contradicting --xen-version).
     """
-    from xsbuild.check import Problem, check_payload
+    from xsbuild.check import check_payload
     from xsbuild.elf import check_elf_header
     from xsbuild.inspection import load_other_payload
-    from xsbuild.xen_abi import EINVAL
+    from xsbuild.xen_versions import target_for
     from xsbuild.xensyms import XenSymbols
 
     try:
@@ -177,34 +192,61 @@ def check_cmd(payload: Path, xen_syms: Path | None, others: tuple[Path, ...],
         raise UsageError(f"{payload}: cannot read: {exc.strerror or exc}") from None
     check_elf_header(str(payload), data)  # bad input is exit 2, not a rejected payload
     xs = XenSymbols.load(xen_syms) if xen_syms else None
+    target = target_for(xen_version, xs)
     loaded = [load_other_payload(p) for p in others]
-    report = check_payload(data, xs, loaded=[o.info for o in loaded])
-    info = report.info
-    if xs is not None and info is not None and info.depends:
-        known = {xs.build_id: f"{xen_syms}", **{o.info.build_id: o.path for o in loaded}}
-        if info.depends not in known:
-            report.problems.append(Problem(EINVAL, (
-                f".livepatch.depends {info.depends.hex()} is the build-id of neither "
-                f"{xen_syms} ({xs.build_id.hex()})"
-                + "".join(f" nor {o.path}" for o in loaded)
-                + ": APPLY would fail; give the payload it stacks on with --payload")))
+    report = check_payload(data, xs, loaded=[o.info for o in loaded], target=target)
+    _check_depends(report, xs, xen_syms, loaded)
     if as_json:
-        _emit_json({
-            "schema": "xsbuild.check/1", "payload": str(payload), "ok": report.ok,
-            "checked_against": str(xen_syms) if xen_syms else None,
-            "problems": [{"errno": p.errno, "error": f"-{_errname(p.errno)}",
-                          "message": p.message} for p in report.problems],
-            "build_id": info.build_id.hex() if info else None,
-            "depends": info.depends.hex() if info else None,
-            "xen_depends": info.xen_depends.hex() if info else None,
-        })
+        _emit_json(_check_json(payload, xen_syms, report))
     else:
         for p in report.problems:
-            click.echo(f"{payload}: {p}")
+            kind = " (hazard: Xen accepts it)" if p.kind == "hazard" else ""
+            click.echo(f"{payload}: {p}{kind}")
         if report.ok:
             scope = "against " + str(xen_syms) if xen_syms else "(payload only; give --xen-syms)"
-            click.echo(f"{payload}: OK {scope}")
+            click.echo(f"{payload}: OK {scope}, with the loader rules of {target.describe()}")
+        else:
+            click.echo(f"{payload}: checked with the loader rules of {target.describe()}")
     return 0 if report.ok else EXIT_REFUSED
+
+
+def _check_depends(report: CheckReport, xs: XenSymbols | None, xen_syms: Path | None,
+                   loaded: list[OtherPayload]) -> None:
+    """.livepatch.depends must name the hypervisor or a payload given with --payload."""
+    from xsbuild.check import Problem
+    from xsbuild.xen_abi import EINVAL
+
+    info = report.info
+    if xs is None or info is None or not info.depends:
+        return
+    known = {xs.build_id: f"{xen_syms}", **{o.info.build_id: o.path for o in loaded}}
+    if info.depends not in known:
+        report.problems.append(Problem(EINVAL, (
+            f".livepatch.depends {info.depends.hex()} is the build-id of neither "
+            f"{xen_syms} ({xs.build_id.hex()})"
+            + "".join(f" nor {o.path}" for o in loaded)
+            + ": APPLY would fail; give the payload it stacks on with --payload")))
+
+
+def _check_json(payload: Path, xen_syms: Path | None, report: CheckReport) -> dict[str, object]:
+    from xsbuild.xen_versions import RULES
+
+    info, target = report.info, report.target
+    return {
+        "schema": "xsbuild.check/1", "payload": str(payload), "ok": report.ok,
+        "checked_against": str(xen_syms) if xen_syms else None,
+        "problems": [{"errno": p.errno, "error": f"-{_errname(p.errno)}",
+                      "message": p.message, "kind": str(p.kind)} for p in report.problems],
+        "build_id": info.build_id.hex() if info else None,
+        "depends": info.depends.hex() if info else None,
+        "xen_depends": info.xen_depends.hex() if info else None,
+        "xen_version": {
+            "version": str(target.version) if target.version else None,
+            "source": str(target.source),
+            "alternative_call": target.alternative_call,
+            "rules": {str(rule): target.has(rule) for rule in RULES},
+        },
+    }
 
 
 def _errname(errno: int) -> str:

@@ -18,6 +18,7 @@ from typing import Protocol
 from xsbuild import xen_abi
 from xsbuild.errors import HypercallError, HypervisorBusy, UsageError
 from xsbuild.hypercall import abi
+from xsbuild.xen_versions import XenVersion
 
 _ALIGN = 8
 _BUSY_ERRNOS = frozenset({xen_abi.EBUSY, xen_abi.EAGAIN})
@@ -47,6 +48,12 @@ class PayloadEntry:
     @property
     def state_name(self) -> str:
         return state_name(self.state)
+
+
+def version_from_xenver(packed: int, extra: str) -> XenVersion:
+    """``XENVER_version``'s ``(major << 16) | minor`` and the extra version (".5", "-rc")."""
+    base = f"{packed >> 16}.{packed & 0xFFFF}"
+    return XenVersion.parse(base + (extra if extra[:1] in (".", "-", "+") else ""))
 
 
 def state_name(state: int) -> str:
@@ -101,7 +108,9 @@ class Backend(Protocol):
 
     def build_id(self) -> bytes: ...
 
-    def upload(self, name: str, data: bytes) -> None: ...
+    def xen_version(self) -> XenVersion: ...
+
+    def upload(self, name: str, data: bytes, flags: int = 0) -> None: ...
 
     def get(self, name: str) -> Status: ...
 
@@ -245,11 +254,14 @@ class SysctlBackend:
         return self._version
 
     # ---------------------------------------------------------------- the four commands
-    def upload(self, name: str, data: bytes) -> None:
+    def upload(self, name: str, data: bytes, flags: int = 0) -> None:
+        """UPLOAD; ``flags`` (``LIVEPATCH_FLAG_FORCE``) go in the op's ``pad`` field, which
+        4.19 renamed ``flags`` (spec §4.2): the caller checks the hypervisor has it."""
         raw = encode_name(name)
         with self._arena(len(raw), len(data)) as arena:
             slot = arena.reserve(ctypes.sizeof(abi.XenSysctl))
             sysctl = abi.new_sysctl(0, xen_abi.LIVEPATCH_CMD_UPLOAD)
+            sysctl.u.livepatch_op.pad = flags
             up = sysctl.u.livepatch_op.u.upload
             up.name.name = arena.put(raw)
             up.name.size = len(raw)
@@ -339,6 +351,21 @@ class SysctlBackend:
                 return None
             entries.extend(page.rows)  # no rows: preempted before the first entry, ask again
         return entries if len(entries) >= total else None
+
+    def xen_version(self) -> XenVersion:
+        """The running hypervisor's release (``XENVER_version``, ``XENVER_extraversion``)."""
+        size = xen_abi.XEN_EXTRAVERSION_LEN
+        with self._arena(size) as arena:
+            addr = arena.reserve(size)
+            try:
+                packed = self.transport.hypercall(xen_abi.HYPERVISOR_XEN_VERSION,
+                                                  xen_abi.XENVER_VERSION, 0)
+                self.transport.hypercall(xen_abi.HYPERVISOR_XEN_VERSION,
+                                         xen_abi.XENVER_EXTRAVERSION, addr)
+            except OSError as exc:
+                raise hypercall_error("XENVER_version", exc.errno or xen_abi.EINVAL) from None
+            extra = arena.read(addr, size).split(b"\0", 1)[0].decode("ascii", "replace")
+        return version_from_xenver(packed, extra)
 
     def build_id(self) -> bytes:
         """The running hypervisor's build-id (``XENVER_build_id``)."""

@@ -15,7 +15,14 @@ import re
 from xsbuild import xen_abi
 from xsbuild.errors import UsageError
 from xsbuild.hypercall import abi
-from xsbuild.hypercall.backend import PayloadEntry, Status, encode_name, hypercall_error
+from xsbuild.hypercall.backend import (
+    PayloadEntry,
+    Status,
+    encode_name,
+    hypercall_error,
+    version_from_xenver,
+)
+from xsbuild.xen_versions import XenVersion
 
 LIBRARY_NAMES = ("libxenctrl.so.4.17", "libxenctrl.so.4.18", "libxenctrl.so.4.19",
                  "libxenctrl.so.4.20", "libxenctrl.so.4.21", "libxenctrl.so.4.22")
@@ -87,10 +94,19 @@ class LibxcBackend:
         start = xen_abi.XEN_BUILD_ID_HEADER_SIZE
         return buf.raw[start:start + size]
 
-    def upload(self, name: str, data: bytes) -> None:
+    def xen_version(self) -> XenVersion:
+        packed = self._check(self.lib.xc_version(self.xch, xen_abi.XENVER_VERSION, None),
+                             "XENVER_version")
+        extra = ctypes.create_string_buffer(xen_abi.XEN_EXTRAVERSION_LEN)
+        self._check(self.lib.xc_version(self.xch, xen_abi.XENVER_EXTRAVERSION, extra),
+                    "XENVER_extraversion")
+        return version_from_xenver(packed, extra.value.decode("ascii", "replace"))
+
+    def upload(self, name: str, data: bytes, flags: int = 0) -> None:
         raw = encode_name(name)
         buf = ctypes.create_string_buffer(data, len(data))
-        self._check(self.lib.xc_livepatch_upload(self.xch, raw, buf, len(data), False),
+        force = bool(flags & xen_abi.LIVEPATCH_FLAG_FORCE)  # 4.19+'s ``bool force`` argument
+        self._check(self.lib.xc_livepatch_upload(self.xch, raw, buf, len(data), force),
                     f"UPLOAD {name}")
 
     def get(self, name: str) -> Status:

@@ -1,4 +1,4 @@
-"""A simulated Xen 4.17 livepatch hypervisor, reached through the same sysctl encoding as Xen.
+"""A simulated Xen livepatch hypervisor (4.17 to 4.21), reached through the same sysctl encoding.
 
 :class:`SimTransport` is a :class:`~xsbuild.hypercall.backend.Transport`: it receives the address
 of a ``struct xen_sysctl`` exactly as privcmd would, decodes it with the ctypes structures of
@@ -24,11 +24,17 @@ by ``flock`` on its folder and replaced atomically.  What is modelled (spec §2,
 * LIST: the nr=0 probe, paging with idx/nr, -E2BIG, -EINVAL for idx past the end, a version counter,
   and interface 0x16's IN/OUT buffer sizes with -ENOBUFS.
 * An interface version mismatch gives -EACCES, so the client's detection is exercised.
+* The release (``xen_version``, default 4.17.5) selects what differs (:mod:`xsbuild.xen_versions`):
+  the sysctl interface (0x15, 0x16 from 4.21 with LIST's IN sizes and -ENOBUFS), the op's
+  ``flags`` (FORCE from 4.19; before, a non-zero pad is -EINVAL), the loader's order (xen_depends
+  first from 4.18.4/4.19.1/4.20) and every other loader rule, through ``check_payload``.
+  ``XENVER_version``/``XENVER_extraversion`` answer with it.
 
 Configuration (state file ``config``, overridden per run by the environment):
 ``XSBUILD_SIM_CPU_DELAYS`` (comma-separated arrival delays, ns or with a ``us``/``ms`` suffix),
-``XSBUILD_SIM_POLLS`` (GETs before work completes), ``XSBUILD_SIM_INTERFACE`` (0x15 or 0x16)
-and ``XSBUILD_SIM_WAITQUEUE=1`` (a vCPU waits on a vm_event queue: APPLY gets -EBUSY).
+``XSBUILD_SIM_POLLS`` (GETs before work completes), ``XSBUILD_SIM_XEN_VERSION`` (4.17.5,
+4.19.6, 4.21.2, ...), ``XSBUILD_SIM_INTERFACE`` (0x15 or 0x16, overriding the release's) and
+``XSBUILD_SIM_WAITQUEUE=1`` (a vCPU waits on a vm_event queue: APPLY gets -EBUSY).
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ from xsbuild.check import FuncInfo, PayloadInfo
 from xsbuild.errors import UsageError
 from xsbuild.hypercall import abi
 from xsbuild.hypercall.backend import parse_duration_ns
+from xsbuild.xen_versions import Rule, Target, VersionSource, XenVersion
 from xsbuild.xensyms import read_build_id
 
 STATE_FORMAT = 1
@@ -57,6 +64,8 @@ ENV_STATE = "XSBUILD_SIM_STATE"
 ENV_CPU_DELAYS = "XSBUILD_SIM_CPU_DELAYS"
 ENV_POLLS = "XSBUILD_SIM_POLLS"
 ENV_INTERFACE = "XSBUILD_SIM_INTERFACE"
+ENV_XEN_VERSION = "XSBUILD_SIM_XEN_VERSION"
+DEFAULT_XEN_VERSION = "4.17.5"  # Debian bookworm's (spec §0)
 ENV_WAITQUEUE = "XSBUILD_SIM_WAITQUEUE"
 CONSOLE_LINES = 200  # how much of the simulated `xl dmesg` the state keeps
 
@@ -79,10 +88,21 @@ class SimConfig:
 
     cpu_delays_ns: list[int] = field(default_factory=lambda: [0, 20_000])  # 2 CPUs, 20 us apart
     completion_polls: int = 1  # GET/LIST calls after ACTION before the work runs; -1: never
-    interface_version: int = xen_abi.SYSCTL_INTERFACE_VERSION_4_17
+    interface_version: int | None = None  # None: the release's (0x15; 0x16 from 4.21)
+    xen_version: str = DEFAULT_XEN_VERSION
     # A domain has a vCPU on a vm_event wait queue: arch_livepatch_safety_check refuses APPLY
     # (and the apply half of REPLACE) with -EBUSY, inside the rendezvous (spec §3.2 item 7).
     active_waitqueue: bool = False
+
+    @property
+    def target(self) -> Target:
+        return Target(XenVersion.parse(self.xen_version), VersionSource.SIMULATOR, True)
+
+    @property
+    def interface(self) -> int:
+        if self.interface_version is not None:
+            return self.interface_version
+        return self.target.interface_version
 
 
 @dataclass(slots=True)
@@ -154,7 +174,8 @@ class SimHypervisor:
         if any(p.name == name for p in self.state.payloads):
             raise XenError(xen_abi.EEXIST, f"{name}: a payload with this name exists")
         loaded = [p.info for p in self.state.payloads]
-        info = validate_payload(data, self.state.xen_syms, loaded, self.state.build_id)
+        info = validate_payload(data, self.state.xen_syms, loaded, self.state.build_id,
+                                self.config.target)
         for p in self.state.payloads:
             if p.info.build_id == info.build_id:
                 raise XenError(xen_abi.EEXIST, f"{name}: build-id already used by {p.name}")
@@ -320,22 +341,21 @@ def backend_verb(cmd: int) -> str:
 
 
 def validate_payload(data: bytes, xen_syms: str | None, loaded: list[PayloadInfo],
-                     hypervisor_build_id: bytes) -> PayloadInfo:
+                     hypervisor_build_id: bytes, target: Target | None = None) -> PayloadInfo:
     """What the loader learns from ``data``, or :class:`XenError` with the errno Xen returns.
 
-    Uses ``xsbuild.check.check_payload``, the offline copy of the 4.17 loader.
+    Uses ``xsbuild.check.check_payload``, the offline copy of ``target``'s loader: its
+    refusals, in that release's order (hazards are accepted, as Xen accepts them).
     """
     from xsbuild import check
 
-    report = check.check_payload(data, _open_xen_syms(xen_syms), loaded=loaded)
-    if report.problems:
-        first = report.problems[0]
+    report = check.check_payload(data, _open_xen_syms(xen_syms), loaded=loaded, target=target,
+                                 xen_build_id=hypervisor_build_id)
+    if report.refusals:
+        first = report.refusals[0]
         raise XenError(first.errno, first.message)
     assert report.info is not None
-    info = report.info
-    if info.xen_depends != hypervisor_build_id:
-        raise XenError(xen_abi.EINVAL, "check against hypervisor build-id failed")
-    return info
+    return report.info
 
 
 def _open_xen_syms(path: str | None) -> object | None:
@@ -410,6 +430,8 @@ def config_from_env(base: SimConfig, env: Mapping[str, str]) -> SimConfig:
             cfg.completion_polls = int(env[ENV_POLLS])
         if env.get(ENV_INTERFACE):
             cfg.interface_version = int(env[ENV_INTERFACE], 0)
+        if env.get(ENV_XEN_VERSION):
+            cfg.xen_version = str(XenVersion.parse(env[ENV_XEN_VERSION]))
         if env.get(ENV_WAITQUEUE):
             cfg.active_waitqueue = env[ENV_WAITQUEUE] not in ("0", "")
     except (ValueError, UsageError) as exc:
@@ -512,8 +534,8 @@ class SimTransport:
             try:
                 if op == xen_abi.HYPERVISOR_SYSCTL:
                     return _do_sysctl(hv, args[0])
-                if op == xen_abi.HYPERVISOR_XEN_VERSION and args[0] == xen_abi.XENVER_BUILD_ID:
-                    return _do_build_id(hv, args[1])
+                if op == xen_abi.HYPERVISOR_XEN_VERSION:
+                    return _do_xen_version(hv, args[0], args[1])
                 raise OSError(xen_abi.ENOSYS, f"hypercall {op} is not simulated")
             finally:
                 self._save(state)
@@ -539,14 +561,13 @@ def _read_name(nm: ctypes.Structure) -> str:
 def _do_sysctl(hv: SimHypervisor, addr: int) -> int:
     size = ctypes.sizeof(abi.XenSysctl)
     sysctl = abi.XenSysctl.from_buffer_copy(ctypes.string_at(addr, size))
-    if sysctl.interface_version != hv.config.interface_version:
+    if sysctl.interface_version != hv.config.interface:
         raise OSError(xen_abi.EACCES, "interface version mismatch")
     if sysctl.cmd != xen_abi.XEN_SYSCTL_LIVEPATCH_OP:
         raise OSError(xen_abi.ENOSYS, f"sysctl {sysctl.cmd} is not simulated")
     op = sysctl.u.livepatch_op
     try:
-        if op.pad:
-            raise XenError(xen_abi.EINVAL, "op pad")
+        _check_op_flags(hv.config.target, op.pad)
         ret = _dispatch(hv, op, sysctl.interface_version)
     except XenError as exc:
         if exc.errno_value not in (xen_abi.ENOSYS, xen_abi.EOPNOTSUPP):
@@ -554,6 +575,17 @@ def _do_sysctl(hv: SimHypervisor, addr: int) -> int:
         raise OSError(exc.errno_value, str(exc)) from None
     ctypes.memmove(addr, ctypes.addressof(sysctl), size)
     return ret
+
+
+def _check_op_flags(target: Target, flags: int) -> None:
+    """The op's ``pad`` (4.17, 4.18: must be 0) or ``flags`` (4.19+: FORCE, and other bits only
+    with FORCE), spec §4.2."""
+    if not flags:
+        return
+    if not target.has(Rule.FLAG_FORCE):
+        raise XenError(xen_abi.EINVAL, "op pad")
+    if flags & ~xen_abi.LIVEPATCH_FLAGS_MASK and not flags & xen_abi.LIVEPATCH_FLAG_FORCE:
+        raise XenError(xen_abi.EINVAL, "op flags")
 
 
 def _dispatch(hv: SimHypervisor, op: ctypes.Structure, version: int) -> int:
@@ -607,6 +639,21 @@ def _do_list(hv: SimHypervisor, lst: ctypes.Structure, version: int) -> int:
     lst.nr = remaining
     lst.name_total_size, lst.metadata_total_size = len(names), len(metas)
     return len(rows)
+
+
+def _do_xen_version(hv: SimHypervisor, cmd: int, addr: int) -> int:
+    """``__HYPERVISOR_xen_version``: the release, its extra version, the build-id."""
+    version = hv.config.target.version
+    assert version is not None
+    if cmd == xen_abi.XENVER_VERSION:
+        return version.major << 16 | version.minor
+    if cmd == xen_abi.XENVER_EXTRAVERSION:
+        extra = (f".{version.patch}" if version.patch is not None else "").encode()
+        ctypes.memmove(addr, extra + b"\0", len(extra) + 1)
+        return 0
+    if cmd == xen_abi.XENVER_BUILD_ID:
+        return _do_build_id(hv, addr)
+    raise OSError(xen_abi.ENOSYS, f"xen_version {cmd} is not simulated")
 
 
 def _do_build_id(hv: SimHypervisor, addr: int) -> int:
