@@ -5,7 +5,8 @@ Pieces, one module each:
 * :mod:`.qemu` - a Python API over ``shared/harness/boot-xen.sh``: one boot runs many named steps
   in dom0 and returns per-step output plus the hypervisor's serial log, with error detection.
 * :mod:`.dom0py` - a CPython 3.11 bundle (Debian's packages plus a ``pip --target`` install of
-  this project) so that ``python3 -m xsbuild`` runs inside dom0.
+  this project) so that ``python3 -m xsbuild`` runs inside dom0; optionally more requirements
+  (ansible-core) and the C.UTF-8 locale.
 * :mod:`.debian_tree` - the built Debian Xen tree (reused or built once per machine) and an exact
   one-object recompile that never touches that tree.
 

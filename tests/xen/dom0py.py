@@ -9,6 +9,15 @@ own Python packages unpacked into one folder work there once ``PYTHONHOME`` and
   on manylinux x86-64 (whatever Python runs the tests);
 * ``/opt/xsbuild``: this checkout, built as a wheel and installed with ``pip --target``.
 
+A test that needs more in dom0 asks :func:`get_dom0_python` for it, and gets two more folders:
+
+* ``/opt/pyextra``: ``extra`` requirements (ansible-core, say) with their dependencies, installed
+  like the project's dependencies but into a folder of their own, after them on ``PYTHONPATH``;
+* ``/opt/locale``: glibc's ``C.UTF-8`` locale from Debian's ``libc-bin`` (``utf8_locale``), with
+  ``LOCPATH`` and ``LANG`` pointing at it.  The busybox dom0 has no locale at all, so Python runs
+  in the C locale there; a program that insists on a UTF-8 locale (ansible) needs this one, as it
+  would find it in a real Debian dom0.
+
 Each folder is cached under ``<cache>/dom0py`` under a key computed from what went into it (the
 .deb file names, the dependency list, a hash of the project's files), so only a change rebuilds
 it; the project folder rebuilds in a few seconds.  All three are byte-compiled on the host with
@@ -26,7 +35,7 @@ import subprocess
 import sys
 import tempfile
 import tomllib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,10 +53,15 @@ PIP_PLATFORM_ARGS = (
     "--python-version", DOM0_PYTHON_VERSION, "--implementation", "cp", "--only-binary=:all:",
     "--platform", "manylinux2014_x86_64", "--platform", "manylinux_2_17_x86_64",
 )
+# Only its C.UTF-8 locale is used (utf8_locale); libc-bin's version matches the dom0's libc6.
+LOCALE_PACKAGE = "libc-bin"
+LOCALE_PATH = "usr/lib/locale/C.utf8"
 # Paths inside dom0.
 PY_DIR = "/opt/py"
 DEPS_DIR = "/opt/pydeps"
 PROJECT_DIR = "/opt/xsbuild"
+EXTRA_DIR = "/opt/pyextra"
+LOCALE_DIR = "/opt/locale"
 # What a project wheel is built from (everything else in the checkout is irrelevant to it).
 PROJECT_FILES = ("pyproject.toml", "setup.cfg", "setup.py", "MANIFEST.in", "README.md")
 PROJECT_PACKAGE = "xsbuild"
@@ -63,6 +77,8 @@ export PYTHONDONTWRITEBYTECODE=1
 export PATH={PY_DIR}/usr/bin:$PATH
 xsbuild() {{ python3 -m xsbuild "$@"; }}
 """
+EXTRA_ENV = f"export PYTHONPATH=$PYTHONPATH:{EXTRA_DIR}\n"
+LOCALE_ENV = f"export LOCPATH={LOCALE_DIR} LANG=C.UTF-8\n"
 
 
 class BundleError(RuntimeError):
@@ -71,20 +87,28 @@ class BundleError(RuntimeError):
 
 @dataclass(frozen=True)
 class Dom0Python:
-    """The three cached folders and how to use them in a boot."""
+    """The cached folders and how to use them in a boot."""
 
     debian_root: Path
     deps: Path
     project: Path
+    extra: Path | None = None  # the extra requirements, if any were asked for
+    locale: Path | None = None  # the C.UTF-8 locale, if asked for
 
     def files(self) -> dict[Path, str]:
         """The ``files`` argument of :func:`tests.xen.qemu.boot`."""
-        return {self.debian_root: PY_DIR, self.deps: DEPS_DIR, self.project: PROJECT_DIR}
+        files = {self.debian_root: PY_DIR, self.deps: DEPS_DIR, self.project: PROJECT_DIR}
+        if self.extra is not None:
+            files[self.extra] = EXTRA_DIR
+        if self.locale is not None:
+            files[self.locale] = LOCALE_DIR
+        return files
 
     @property
     def env(self) -> str:
         """Shell lines for the top of a command file (``Script(preamble=...)``)."""
-        return DOM0_ENV
+        return (DOM0_ENV + (EXTRA_ENV if self.extra is not None else "")
+                + (LOCALE_ENV if self.locale is not None else ""))
 
 
 # --------------------------------------------------------------------------- helpers
@@ -135,14 +159,14 @@ def _compile(folder: Path, dom0_path: str) -> None:
 
 
 # --------------------------------------------------------------------------- Debian part
-def _download_debs(debs: Path) -> list[Path]:
+def _download_debs(debs: Path, packages: tuple[str, ...] = DEBIAN_PACKAGES) -> list[Path]:
     """The packages' .debs in ``debs``, downloading those not there yet (apt's candidates)."""
     debs.mkdir(parents=True, exist_ok=True)
     debs.chmod(0o777)  # apt's _apt user writes there when run as root
-    missing = [p for p in DEBIAN_PACKAGES if not list(debs.glob(f"{p}_*.deb"))]
+    missing = [p for p in packages if not list(debs.glob(f"{p}_*.deb"))]
     if missing:
         _run(["apt-get", "download", "-q", *missing], "apt-get download", cwd=debs)
-    found = [next(iter(sorted(debs.glob(f"{p}_*.deb")))) for p in DEBIAN_PACKAGES]
+    found = [next(iter(sorted(debs.glob(f"{p}_*.deb")))) for p in packages]
     return found
 
 
@@ -164,6 +188,22 @@ def debian_python(base: Path) -> Path:
     return _cached(base / f"debian-{key}", lambda tmp: _unpack_debian(debs, tmp))
 
 
+def _unpack_locale(deb: Path, dest: Path) -> None:
+    with tempfile.TemporaryDirectory(prefix="xsb-locale-") as tmp:
+        _run(["dpkg-deb", "-x", str(deb), tmp], f"dpkg-deb -x {deb.name}")
+        source = Path(tmp) / LOCALE_PATH
+        if not source.is_dir():
+            raise BundleError(f"{deb.name} has no {LOCALE_PATH}")
+        shutil.copytree(source, dest / source.name, symlinks=True)
+
+
+def utf8_locale(base: Path) -> Path:
+    """A folder holding ``C.utf8``, for ``LOCPATH``."""
+    (deb,) = _download_debs(base / "debs", (LOCALE_PACKAGE,))
+    key = _digest([deb.name.encode()])
+    return _cached(base / f"locale-{key}", lambda tmp: _unpack_locale(deb, tmp))
+
+
 # --------------------------------------------------------------------------- pip parts
 def _runtime_dependencies() -> list[str]:
     with open(REPO_ROOT / "pyproject.toml", "rb") as handle:
@@ -178,10 +218,20 @@ def _pip_target(dest: Path, requirements: list[str], dom0_path: str) -> None:
     _compile(dest, dom0_path)
 
 
-def dependencies(base: Path) -> Path:
-    reqs = _runtime_dependencies()
+def _pip_folder(base: Path, prefix: str, reqs: list[str], dom0_path: str) -> Path:
+    """``reqs`` installed for dom0, cached under a key made of them and the platform."""
     key = _digest([r.encode() for r in sorted(reqs)] + [" ".join(PIP_PLATFORM_ARGS).encode()])
-    return _cached(base / f"deps-{key}", lambda tmp: _pip_target(tmp, reqs, DEPS_DIR))
+    return _cached(base / f"{prefix}-{key}", lambda tmp: _pip_target(tmp, reqs, dom0_path))
+
+
+def dependencies(base: Path) -> Path:
+    return _pip_folder(base, "deps", _runtime_dependencies(), DEPS_DIR)
+
+
+def extra_packages(base: Path, requirements: Sequence[str]) -> Path:
+    """``requirements`` and their dependencies, self-contained (whatever the project's
+    dependencies folder holds), for ``/opt/pyextra``."""
+    return _pip_folder(base, "extra", list(requirements), EXTRA_DIR)
 
 
 def _project_sources() -> list[Path]:
@@ -234,9 +284,14 @@ def project(base: Path) -> Path:
 
 
 # --------------------------------------------------------------------------- entry point
-def get_dom0_python() -> Dom0Python:
-    """Build (or reuse) the bundle; serialised per machine with a lock in the cache folder."""
+def get_dom0_python(extra: Sequence[str] = (), utf8: bool = False) -> Dom0Python:
+    """Build (or reuse) the bundle; serialised per machine with a lock in the cache folder.
+
+    ``extra``: more requirements for dom0 (``/opt/pyextra``); ``utf8``: the C.UTF-8 locale.
+    """
     base = cache_root() / "dom0py"
     with _locked(base):
         return Dom0Python(debian_root=debian_python(base), deps=dependencies(base),
-                          project=project(base))
+                          project=project(base),
+                          extra=extra_packages(base, extra) if extra else None,
+                          locale=utf8_locale(base) if utf8 else None)
