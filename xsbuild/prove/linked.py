@@ -21,6 +21,7 @@ from xsbuild.prove.normal import (
     alt_fields,
     bug_disp,
     bug_line_bits,
+    content_ref,
     data_ref,
     decode,
     decoded_end,
@@ -144,6 +145,12 @@ class LinkedImage:
             names.append(with_offset(ended[0], ended[1]))
         sec = self.section_at(addr)
         if sized:  # inside a sized symbol: that is what it is
+            # Data also by its bytes (xen-syms' .rodata is not marked read-only, so any
+            # object: only a payload's read-only copy offers a content to match it).
+            if sym is not None and sym.size and not sym.is_func and sec is not None \
+                    and not sec.executable:
+                at = sym.addr - sec.addr
+                names.append(content_ref(sec.data[at:at + sym.size], addr - sym.addr))
             return tuple(names)
         if sec is None:
             return tuple(names) or (f"abs:{addr:#x}",)

@@ -223,6 +223,17 @@ def insn_text(insn: object, refs: list[Ref]) -> str:
     return text
 
 
+def content_ref(body: bytes, offset: int) -> str:
+    """A read-only object by its bytes (and the offset into it): a payload's own copy of a
+    static string such as ``__func__.4`` is the same data as the patched hypervisor's, whatever
+    number gcc gave each; pointer tables never match this way (a payload's fields are not
+    relocated yet) and go by name."""
+    import hashlib
+
+    digest = hashlib.blake2b(body, digest_size=8).hexdigest()
+    return f"bytes:{len(body)}:{digest}" + (f"{offset:+#x}" if offset else "")
+
+
 def data_ref(body: bytes, operand_size: int) -> Ref:
     """Unnamed data by content: the value read (its operand size) or, for an address taken,
     the string starting there."""

@@ -22,6 +22,7 @@ from xsbuild.prove.normal import (
     alt_fields,
     bug_disp,
     bug_line_bits,
+    content_ref,
     data_ref,
     decode,
     decoded_end,
@@ -217,7 +218,11 @@ def _section_ref(sec: Section, where: int, operand_size: int, frags: Fragments,
     owner = named if named is not None and named.type != STT_SECTION else _owner(
         sec, where, ending=not sec.is_text or where >= sec.size)
     if owner is not None:
-        return (with_offset(xen_name(owner), where - owner.value),)
+        name = with_offset(xen_name(owner), where - owner.value)
+        if owner.type == STT_OBJECT and owner.size and not sec.is_writable and not sec.is_text:
+            body = bytes(sec.data[owner.value:owner.value + owner.size])
+            return (name, content_ref(body, where - owner.value))
+        return (name,)
     if sec.is_text:
         frags.sections[id(sec)] = sec
         return frags.ref(("p", id(sec), where))
