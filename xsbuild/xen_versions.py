@@ -132,6 +132,10 @@ class VersionRule:
         return self.when_unknown if None in answers else False
 
 
+# The upload hardening of 4.20 (fa49f4be41, aa5a06d5d6), backported to 4.18.4 and 4.19.1.
+_UPLOAD_HARDENING = (Span(V("4.18.4"), line_end("4.18")), Span(V("4.19.1"), line_end("4.19")),
+                     Span(V("4.20.0")))
+
 RULES: dict[Rule, VersionRule] = {r.rule: r for r in (
     VersionRule(Rule.DUPLICATE_SECTION_CHECK, (Span(V("4.17.0"), line_end("4.19")),), "§1.4, §8",
                 "check_special_sections has a 'seen more than once' test; it can never fire "
@@ -139,8 +143,7 @@ RULES: dict[Rule, VersionRule] = {r.rule: r for r in (
                 "'no functional change'): a duplicate note section is accepted everywhere, the "
                 "first one counts", when_unknown=True),
     VersionRule(Rule.XEN_BUILD_ID_FIRST,
-                (Span(V("4.18.4"), line_end("4.18")), Span(V("4.19.1"), line_end("4.19")),
-                 Span(V("4.20.0"))), "§1.6, §8",
+                _UPLOAD_HARDENING, "§1.6, §8",
                 ".livepatch.xen_depends is checked right after the ELF headers, before "
                 "anything is moved or relocated (fa49f4be41; backported to 4.18.4 and 4.19.1)",
                 when_unknown=False),
@@ -149,8 +152,7 @@ RULES: dict[Rule, VersionRule] = {r.rule: r for r in (
                 ".altinstr_replacement (1601fa5ac1); before, the loader patched wherever they "
                 "point", when_unknown=True),
     VersionRule(Rule.ALTERNATIVES_ERRNO,
-                (Span(V("4.18.4"), line_end("4.18")), Span(V("4.19.1"), line_end("4.19")),
-                 Span(V("4.20.0"))), "§1.4, §8",
+                _UPLOAD_HARDENING, "§1.4, §8",
                 "a replacement longer than its site fails the upload with -ENOSPC (aa5a06d5d6; "
                 "backported to 4.18.4 and 4.19.1); before, apply_alternatives BUG()s",
                 when_unknown=False),

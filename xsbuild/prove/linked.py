@@ -31,7 +31,7 @@ from xsbuild.prove.normal import (
     with_offset,
 )
 from xsbuild.prove.report import DiffKind
-from xsbuild.xensyms import XenSymbols
+from xsbuild.xensyms import XenSymbol, XenSymbols
 
 # ------------------------------------------------------------------------------------------
 # Linked side: xen-syms
@@ -59,6 +59,7 @@ class LinkedImage:
         # entries whose site no function covers (unnamed code), (site, kind, address, type)
         self._loose: list[tuple[int, str, int, int]] = []
         self._by_end: dict[int, tuple[str, int]] | None = None
+        self._contents: dict[int, str] = {}  # data object's address -> content_ref at +0
         # patched static local -> the original's it continues (see static_aliases)
         self.aliases: dict[str, str] = {}
 
@@ -93,6 +94,19 @@ class LinkedImage:
     def entries_for(self, func: str) -> list[tuple[str, int, int]]:
         """(kind, entry address, bug-frame type) of every special entry whose site is in
         ``func``."""
+        return self._index_entries().get(func, [])
+
+    def entries_between(self, start: int, end: int) -> list[tuple[int, str, int, int]]:
+        """(site, kind, entry address, type) of the entries whose site is in unnamed code
+        between ``start`` and ``end``."""
+        self._index_entries()
+        lo = bisect.bisect_left(self._loose, (start,))
+        hi = bisect.bisect_left(self._loose, (end,))
+        return self._loose[lo:hi]
+
+    def _index_entries(self) -> dict[str, list[tuple[str, int, int]]]:
+        """Every special entry once: by the function its site is in, else (unnamed code) in
+        ``_loose`` by site."""
         if self._entries is None:
             self._entries = {}
             for kind, addr, typ, site in self._all_entries():
@@ -102,15 +116,7 @@ class LinkedImage:
                 elif self.section_at(site) is not None:
                     self._loose.append((site, kind, addr, typ))
             self._loose.sort()
-        return self._entries.get(func, [])
-
-    def entries_between(self, start: int, end: int) -> list[tuple[int, str, int, int]]:
-        """(site, kind, entry address, type) of the entries whose site is in unnamed code
-        between ``start`` and ``end``."""
-        self.entries_for("")
-        lo = bisect.bisect_left(self._loose, (start,))
-        hi = bisect.bisect_left(self._loose, (end,))
-        return self._loose[lo:hi]
+        return self._entries
 
     def _all_entries(self) -> Iterable[tuple[str, int, int, int]]:
         start, end = self._range(*xen_abi.XEN_ALT_RANGE, xen_abi.SEC_ALTINSTRUCTIONS)
@@ -149,8 +155,7 @@ class LinkedImage:
             # object: only a payload's read-only copy offers a content to match it).
             if sym is not None and sym.size and not sym.is_func and sec is not None \
                     and not sec.executable:
-                at = sym.addr - sec.addr
-                names.append(content_ref(sec.data[at:at + sym.size], addr - sym.addr))
+                names.append(self._content(sym, sec) + with_offset("", addr - sym.addr))
             return tuple(names)
         if sec is None:
             return tuple(names) or (f"abs:{addr:#x}",)
@@ -159,6 +164,13 @@ class LinkedImage:
         # a label or the end of an object: the payload side may see a literal there
         at = addr - sec.addr  # a bounded slice: a whole .rodata copy per reference is slow
         return tuple(names) + data_ref(sec.data[at:at + MAX_STRING], operand_size)
+
+    def _content(self, sym: XenSymbol, sec: _LinkedSection) -> str:
+        """A data object by its bytes, hashed once (code refers to big tables often)."""
+        if sym.addr not in self._contents:
+            at = sym.addr - sec.addr
+            self._contents[sym.addr] = content_ref(sec.data[at:at + sym.size])
+        return self._contents[sym.addr]
 
     def _ends(self) -> dict[int, tuple[str, int]]:
         if self._by_end is None:

@@ -3,6 +3,7 @@ and named by what they designate, unnamed code as numbered fragments, special en
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
@@ -223,15 +224,12 @@ def insn_text(insn: object, refs: list[Ref]) -> str:
     return text
 
 
-def content_ref(body: bytes, offset: int) -> str:
-    """A read-only object by its bytes (and the offset into it): a payload's own copy of a
-    static string such as ``__func__.4`` is the same data as the patched hypervisor's, whatever
-    number gcc gave each; pointer tables never match this way (a payload's fields are not
-    relocated yet) and go by name."""
-    import hashlib
-
-    digest = hashlib.blake2b(body, digest_size=8).hexdigest()
-    return f"bytes:{len(body)}:{digest}" + (f"{offset:+#x}" if offset else "")
+def content_ref(body: bytes) -> str:
+    """A read-only object by its bytes (``with_offset`` adds where in it): a payload's own
+    copy of a static string such as ``__func__.4`` is the same data as the patched
+    hypervisor's, whatever number gcc gave each; pointer tables never match this way (a
+    payload's fields are not relocated yet) and go by name."""
+    return f"bytes:{len(body)}:{hashlib.blake2b(body, digest_size=8).hexdigest()}"
 
 
 def data_ref(body: bytes, operand_size: int) -> Ref:

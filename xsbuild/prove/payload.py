@@ -123,6 +123,8 @@ class PayloadImage:
                     self.entries.setdefault(id(owner), []).append((sec, off, typ))
                 else:
                     self.loose.setdefault(id(reloc.sym.sec), []).append((site, sec, off, typ))
+        for sites in self.loose.values():
+            sites.sort(key=lambda e: e[0])
 
 
 def _reloc_at(sec: Section, offset: int) -> Reloc | None:
@@ -221,7 +223,7 @@ def _section_ref(sec: Section, where: int, operand_size: int, frags: Fragments,
         name = with_offset(xen_name(owner), where - owner.value)
         if owner.type == STT_OBJECT and owner.size and not sec.is_writable and not sec.is_text:
             body = bytes(sec.data[owner.value:owner.value + owner.size])
-            return (name, content_ref(body, where - owner.value))
+            return (name, with_offset(content_ref(body), where - owner.value))
         return (name,)
     if sec.is_text:
         frags.sections[id(sec)] = sec
@@ -259,7 +261,7 @@ def _payload_fragments(payload: PayloadImage, frags: Fragments,
         insns = _payload_insns(sec, where, end - where, frags, where, fragment=True)
         out.append(insns)
         stop = where + decoded_end(insns)
-        for site, esec, off, typ in sorted(payload.loose.get(sec_id, []), key=lambda e: e[0]):
+        for site, esec, off, typ in payload.loose.get(sec_id, []):
             if where <= site < stop:
                 entries.append(_payload_entry(esec, off, typ, where, frags, f"code#{k}"))
     return out
