@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.handmade import build_id_note
+from tests.support.handmade import HELLO_SOURCE, build_id_note
 from tests.support.image import Image, read_build_id
 from tests.test_apply_sim import (  # noqa: F401 - fixtures shared with the library tests
     HOOK_IMPL,
@@ -175,7 +175,9 @@ def test_list_pages_through_many_names(xsb, make_payload: PayloadFactory) -> Non
     path = make_payload("hello")
     assert xsb("upload", names[0], str(path)).rc == 0
     for i, name in enumerate(names[1:], 1):
-        assert xsb("upload", name, str(make_payload(f"many{i}"))).rc == 0
+        # Distinct code, so distinct build-ids: ld's build-id does not hash symbol names.
+        source = HELLO_SOURCE.replace("Hello World", f"Hello {i}")
+        assert xsb("upload", name, str(make_payload(f"many{i}", source=source))).rc == 0
     assert [p["name"] for p in xsb("list", "--json").json()["payloads"]] == names
 
 
