@@ -111,6 +111,7 @@ def test_list_empty_and_json(xsb, hv: Image, sim_version: str) -> None:  # noqa:
     assert data["payloads"] == [] and data["build_id"] == hv.build_id
     new = XenVersion.parse(sim_version) >= XenVersion(4, 21, 0)
     assert data["interface_version"] == ("0x16" if new else "0x15")
+    assert data["xen_version"] == sim_version  # the simulated release, read through XENVER
 
 
 def test_upload_apply_revert_unload(xsb, make_payload: PayloadFactory) -> None:  # noqa: F811
@@ -149,6 +150,22 @@ def test_upload_failures(xsb, make_payload: PayloadFactory, other_hv: Image,  # 
     assert res.rc == 2 and "cannot read" in one_line_error(res)
     res = xsb("upload", "n" * 128, str(path))
     assert res.rc == 2 and "at most 127" in one_line_error(res)
+
+
+def test_upload_checks_with_the_running_release(xsb, make_payload: PayloadFactory,  # noqa: F811
+                                                sim_version: str) -> None:
+    """upload reads the running release (XENVER) and checks the payload with its loader rules
+    before UPLOAD: a read-only .livepatch.funcs would crash 4.18.0 at APPLY (spec §1.5), so it
+    is refused there, naming the release, and taken by every other simulated release."""
+    path = make_payload("ro_funcs", funcs_flags="alloc,readonly")
+    res = xsb("upload", "ro", str(path))
+    if sim_version == "4.18.0":
+        line = one_line_error(res)
+        assert res.rc == 1 and "would be rejected by Xen's loader (Xen 4.18.0)" in line, line
+        assert ".livepatch.funcs is read-only" in line and "Nothing was uploaded" in line
+        assert xsb("list", "--json").json()["payloads"] == []
+    else:
+        assert res.rc == 0, res.err
 
 
 def test_force_needs_4_19(xsb, make_payload: PayloadFactory,  # noqa: F811

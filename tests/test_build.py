@@ -379,6 +379,23 @@ def test_parse_patch_files_git_and_plain() -> None:
     assert not files["xen/common/a.c"].created
 
 
+def test_parse_patch_files_diff_n_creations_and_deletions() -> None:
+    # diff -Nru names both sides and starts a new file's only hunk from nothing (GNU patch
+    # creates the file); a file that was modified keeps created=False.
+    text = ("diff -Nru a/xen/common/new.c b/xen/common/new.c\n"
+            "--- a/xen/common/new.c\t1970-01-01 00:00:00.000000000 +0000\n"
+            "+++ b/xen/common/new.c\t2026-12-03 08:00:00.000000000 +0000\n"
+            "@@ -0,0 +1,2 @@\n+a\n+b\n"
+            "--- a/xen/common/gone.c\t2026-12-03 08:00:00.000000000 +0000\n"
+            "+++ b/xen/common/gone.c\t1970-01-01 00:00:00.000000000 +0000\n"
+            "@@ -1 +0,0 @@\n-q\n"
+            "--- a/xen/common/a.c\n+++ b/xen/common/a.c\n@@ -1 +1 @@\n-x\n+y\n@@ -0,0 +9 @@\n")
+    files = {f.path: f for f in parse_patch_files(text)}
+    assert files["xen/common/new.c"].created and not files["xen/common/new.c"].deleted
+    assert files["xen/common/gone.c"].deleted and not files["xen/common/gone.c"].created
+    assert not files["xen/common/a.c"].created and not files["xen/common/a.c"].deleted
+
+
 @pytest.mark.parametrize("bad", ["--- a/../etc/x\n+++ b/../etc/x\n", "no headers at all\n"])
 def test_parse_patch_files_refuses_escapes_and_non_patches(bad: str) -> None:
     with pytest.raises(UsageError):

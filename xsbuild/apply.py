@@ -36,7 +36,7 @@ from xsbuild.errors import (
 )
 from xsbuild.hypercall import Backend, PayloadEntry, Status, state_name
 from xsbuild.hypercall.backend import parse_duration_ns
-from xsbuild.xen_versions import Rule, Target, VersionSource
+from xsbuild.xen_versions import UNKNOWN_TARGET, Rule, Target, VersionSource
 
 __all__ = ["ACTIONS", "ActionOptions", "ActionResult", "load", "parse_duration_ns", "run_action",
            "upload"]
@@ -395,27 +395,48 @@ def read_payload(path: str | os.PathLike[str]) -> bytes:
     return data
 
 
-def precheck_payload(path: str | os.PathLike[str], name: str) -> bytes:
+def precheck_payload(path: str | os.PathLike[str], name: str,
+                     backend: Backend | None = None) -> bytes:
     """The payload's bytes once the offline check (``xsbuild check``, payload only) passes.
 
     Run before any hypercall, so that a file that is not a payload is named as such instead of
     surfacing as the loader's bare -EINVAL: ``ElfParseError`` (exit 2) for something that is not
     an x86-64 ELF or is truncated, ``HypercallError`` with Xen's errno (exit 1) for a payload
-    the loader would reject.
+    the loader would reject.  With ``backend``, once the file is known to be an ELF, the check
+    applies the running release's loader rules (XENVER_version: the RO funcs trap of 4.17.1,
+    say) and compares ``.livepatch.xen_depends`` with its build-id; a hypervisor that refuses
+    XENVER leaves the rules common to every release.
     """
     from xsbuild.check import check_payload
     from xsbuild.elf import check_elf_header
 
     data = read_payload(path)
     check_elf_header(str(path), data)
-    report = check_payload(data)
+    target, build_id = _running_target(backend)
+    report = check_payload(data, target=target, xen_build_id=build_id)
     if report.problems:
         first = report.problems[0]
         more = f" (and {len(report.problems) - 1} more)" if len(report.problems) > 1 else ""
-        raise HypercallError(f"upload {name}: {path} would be rejected by Xen's loader: {first}"
-                             f"{more}. Nothing was uploaded. Next: `xsbuild check {path}` lists "
-                             "every problem", first.errno)
+        against = "" if target.version is None else f" (Xen {target.version})"
+        raise HypercallError(f"upload {name}: {path} would be rejected by Xen's loader{against}: "
+                             f"{first}{more}. Nothing was uploaded. Next: `xsbuild check {path}` "
+                             "lists every problem", first.errno)
     return data
+
+
+def _running_target(backend: Backend | None) -> tuple[Target, bytes | None]:
+    """The running hypervisor's release and build-id, each None when it cannot be read."""
+    if backend is None:
+        return UNKNOWN_TARGET, None
+    try:
+        target = Target(backend.xen_version(), VersionSource.HYPERVISOR)
+    except (HypercallError, UsageError):
+        target = UNKNOWN_TARGET
+    try:
+        build_id: bytes | None = backend.build_id()
+    except HypercallError:
+        build_id = None
+    return target, build_id
 
 
 def upload_flags(backend: Backend, name: str, force: bool) -> int:
@@ -436,7 +457,7 @@ def upload_flags(backend: Backend, name: str, force: bool) -> int:
 def upload(backend: Backend, name: str, path: str | os.PathLike[str],
            force: bool = False) -> UploadResult:
     """UPLOAD ``path`` as ``name`` (synchronous: the loader's checks run in the hypercall)."""
-    data = precheck_payload(path, name)
+    data = precheck_payload(path, name, backend)
     flags = upload_flags(backend, name, force)
     try:
         backend.upload(name, data, flags)

@@ -341,10 +341,13 @@ def parse_patch_files(text: str, patch_name: str = "patch") -> list[PatchedFile]
     """Files touched by a unified diff (plain or ``git diff``), as ``patch -p1`` would see them.
 
     Absolute paths and ``..`` are refused: the shadow must contain every file patch writes.
+    A file is created when its old side is ``/dev/null`` or, as ``diff -N`` writes it, when its
+    only hunk starts from nothing (``@@ -0,0``); deleted likewise (``+0,0 @@``).
     """
     files: dict[str, PatchedFile] = {}
     pending = False  # a "--- " header was seen and waits for its "+++ "
     old: str | None = None
+    first_hunk_of: str | None = None  # the file whose first hunk header comes next
     for line in text.splitlines():
         if line.startswith("--- "):
             old, pending = _patch_path(line[4:]), True
@@ -357,6 +360,12 @@ def parse_patch_files(text: str, patch_name: str = "patch") -> list[PatchedFile]
             if path.startswith("/") or ".." in path.split("/"):
                 raise UsageError(f"{patch_name}: refusing to patch {path!r} outside the tree")
             files[path] = PatchedFile(path, created=old is None, deleted=new is None)
+            first_hunk_of = path
+        elif line.startswith("@@ ") and first_hunk_of is not None:
+            f = files[first_hunk_of]
+            files[f.path] = PatchedFile(f.path, created=f.created or line.startswith("@@ -0,0 "),
+                                        deleted=f.deleted or " +0,0 @@" in line)
+            first_hunk_of = None
     if not files:
         raise UsageError(f"{patch_name}: not a unified diff (no ---/+++ file headers)")
     return list(files.values())

@@ -68,27 +68,60 @@ class MakeRecipe:
     debian: bool
 
 
-def make_recipe(top: Path) -> MakeRecipe:
-    """Debian's variables when the tree has ``debian/``, else a plain build with pinned dates
-    (so ``common/version.o`` does not change with every build)."""
+def make_recipe(top: Path, *, built_at: Path | None = None) -> MakeRecipe:
+    """How to (re)build ``top`` as it was built.
+
+    A Debian tree gets Debian's variables.  Another tree that was built already gets the
+    identity its ``compile.h`` records (date, time, user, domain, host: make would otherwise
+    put today's into ``common/version.o``); an unbuilt one gets pinned dates.  ``built_at``
+    is where the tree was built when ``top`` is a copy of it: its debug info then names the
+    original's paths (a Debian tree maps every path to ``.`` anyway).
+    """
     env = {k: v for k, v in os.environ.items() if k not in _CLEARED_ENV}
     env.update(LC_ALL="C.UTF-8", TZ="UTC", WGET="/bin/false", GIT="/bin/false")
     debian = (top / "debian" / "changelog").is_file()
-    if debian:
-        epoch = _changelog_field(top, "Timestamp")
-        env["SOURCE_DATE_EPOCH"] = epoch
-        env["DEB_VERSION"] = _changelog_field(top, "Version")
-        env["DEB_MAINTAINER"] = _debian_maintainer(top)
+    identity = None if debian else compile_identity(top)
+    if identity is not None:
+        env.update(identity)
     else:
-        epoch = env.get("SOURCE_DATE_EPOCH") or "0"
-    env["XEN_BUILD_DATE"] = time.strftime("%a %b %e %H:%M:%S UTC %Y", time.gmtime(int(epoch)))
-    env["XEN_BUILD_TIME"] = time.strftime("%H:%M:%S", time.gmtime(int(epoch)))
+        if debian:
+            epoch = _changelog_field(top, "Timestamp")
+            env["SOURCE_DATE_EPOCH"] = epoch
+            env["DEB_VERSION"] = _changelog_field(top, "Version")
+            env["DEB_MAINTAINER"] = _debian_maintainer(top)
+        else:
+            epoch = env.get("SOURCE_DATE_EPOCH") or "0"
+        env["XEN_BUILD_DATE"] = time.strftime("%a %b %e %H:%M:%S UTC %Y", time.gmtime(int(epoch)))
+        env["XEN_BUILD_TIME"] = time.strftime("%H:%M:%S", time.gmtime(int(epoch)))
     args: tuple[str, ...] = ()
     if debian:
         args = ("CC=x86_64-linux-gnu-gcc", "LD=x86_64-linux-gnu-ld", "XEN_COMPILE_ARCH=x86_64",
                 "XEN_TARGET_ARCH=x86_64", "V=1",
                 f"EXTRA_CFLAGS_XEN_CORE=-ffile-prefix-map={top}=. -fdebug-prefix-map={top}=.")
+    elif built_at is not None and built_at.resolve() != top.resolve():
+        args = (f"EXTRA_CFLAGS_XEN_CORE=-fdebug-prefix-map={top.resolve()}={built_at.resolve()}",)
     return MakeRecipe(env, args, debian)
+
+
+# compile.h's fields (xen/include/xen/compile.h.in) and the make variables that fill them
+# (xen/build.mk: cmd_compile.h), the same in 4.17 to 4.21.
+_COMPILE_H_FIELDS = {"XEN_COMPILE_DATE": "XEN_BUILD_DATE", "XEN_COMPILE_TIME": "XEN_BUILD_TIME",
+                     "XEN_COMPILE_BY": "XEN_WHOAMI", "XEN_COMPILE_DOMAIN": "XEN_DOMAIN",
+                     "XEN_COMPILE_HOST": "XEN_BUILD_HOST"}
+_COMPILE_H_LINE = re.compile(r'^#define\s+(XEN_COMPILE_[A-Z]+)\s+"(.*)"\s*$', re.MULTILINE)
+
+
+def compile_identity(top: Path) -> dict[str, str] | None:
+    """The make variables that regenerate a built tree's ``compile.h`` unchanged, or None
+    when the tree has no (complete) ``compile.h``."""
+    try:
+        text = (top / "xen" / "include" / "xen" / "compile.h").read_text(errors="replace")
+    except OSError:
+        return None
+    found = {m.group(1): m.group(2) for m in _COMPILE_H_LINE.finditer(text)}
+    if not all(field in found for field in _COMPILE_H_FIELDS):
+        return None
+    return {var: found[field] for field, var in _COMPILE_H_FIELDS.items()}
 
 
 def _changelog_field(top: Path, name: str) -> str:

@@ -6,7 +6,10 @@ keeps the base's objects and their timestamps, and its ``.cmd`` files are rewrit
 base's path to the copy's, so that Kbuild sees the same command lines and the tree's own
 ``make`` is incremental: it rebuilds what the patches touch, then relinks ``xen-syms``.  Once,
 when the copy is made, ``make`` must reproduce the base's build-id exactly; otherwise the copy
-cannot stand for the base and the proof cannot judge.
+cannot stand for the base and the proof cannot judge.  A tree built the ordinary way (not
+Debian's) embeds its build date, user and host and its own path in the debug info: the copy is
+built with the identity its ``compile.h`` records and with its path mapped to the base's
+(:func:`xsbuild.debian.make_recipe`), which costs one full rebuild when the copy is made.
 
 One proof at a time per copy (a file lock).  A proof applies its patches, runs ``make``,
 reads the patched ``xen-syms`` and the objects ``make`` rebuilt, then reverses the patches so
@@ -80,7 +83,7 @@ def build_patched(base_top: Path, patches: tuple[Path, ...], *, jobs: int = 2,
     notes: list[str] = []
     with _locked(folder):
         start = time.monotonic()
-        copy = _ready_copy(base_top, folder, base_id, jobs, progress)
+        copy, built_at = _ready_copy(base_top, folder, base_id, jobs, progress)
         timings["copy"] = round(time.monotonic() - start, 3)
         log = folder / "make.log"
         log.write_text("")
@@ -98,7 +101,7 @@ def build_patched(base_top: Path, patches: tuple[Path, ...], *, jobs: int = 2,
             start = time.monotonic()
             progress(f"building the patched hypervisor in {copy} (incremental make)")
             try:
-                _make(copy, jobs, log, "the patched hypervisor")
+                _make(copy, jobs, log, "the patched hypervisor", built_at=built_at)
             except CannotJudgeError as exc:
                 # xen-syms is linked before xen.efi, whose PE link refuses sections a patch
                 # may add (livepatch hook sections): a new xen-syms is all the proof needs.
@@ -123,25 +126,29 @@ def build_patched(base_top: Path, patches: tuple[Path, ...], *, jobs: int = 2,
 
 
 def _ready_copy(base_top: Path, folder: Path, base_id: bytes, jobs: int,
-                progress: Progress) -> Path:
+                progress: Progress) -> tuple[Path, Path]:
+    """The copy, and the path its debug info names (the base's, when the copy was made: every
+    later make of the copy must use the same flags, or Kbuild rebuilds everything)."""
     copy = folder / "tree"
-    if (copy / _READY).is_file() and not (copy / _APPLIED).exists():
-        return copy
+    ready = copy / _READY
+    if ready.is_file() and not (copy / _APPLIED).exists():
+        lines = ready.read_text().splitlines()
+        return copy, Path(lines[1]) if len(lines) > 1 else base_top
     shutil.rmtree(copy, ignore_errors=True)
     progress(f"copying the base tree {base_top} to {copy} (once per base)")
     shutil.copytree(base_top, copy, symlinks=True, ignore=shutil.ignore_patterns(".git"))
     _rewrite_cmd_files(copy / "xen", str(base_top), str(copy))
     log = folder / "make.log"
     log.write_text("")
-    _make(copy, jobs, log, "the base copy")
+    _make(copy, jobs, log, "the base copy", built_at=base_top)
     got = read_build_id(copy / "xen" / "xen-syms")
     if got != base_id:
         raise CannotJudgeError(
             f"rebuilding the base in its private copy {copy} gives build-id {got.hex()}, not "
             f"the base's {base_id.hex()}: the tree does not rebuild reproducibly (a build date "
             "or path in the binary?), so no patched build can be compared with it")
-    (copy / _READY).write_text(base_id.hex() + "\n")
-    return copy
+    ready.write_text(f"{base_id.hex()}\n{base_top.resolve()}\n")
+    return copy, base_top
 
 
 def _rewrite_cmd_files(xen: Path, old: str, new: str) -> None:
@@ -188,8 +195,8 @@ def _restore(copy: Path, applied: list[Path]) -> None:
     (copy / _APPLIED).unlink(missing_ok=True)
 
 
-def _make(top: Path, jobs: int, log: Path, what: str) -> None:
-    recipe = make_recipe(top)
+def _make(top: Path, jobs: int, log: Path, what: str, *, built_at: Path) -> None:
+    recipe = make_recipe(top, built_at=built_at)
     with log.open("a") as out:
         run = subprocess.run(["make", "-C", "xen", *recipe.args, f"-j{max(1, jobs)}"],
                              cwd=top, env=recipe.env, stdout=out, stderr=subprocess.STDOUT,

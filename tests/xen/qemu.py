@@ -244,9 +244,10 @@ class BootResult:
         (folder / "harness.log").write_text(self.harness_log)
 
 
-def work_dir() -> Path:
-    """The harness's work folder (debs cache, unpacked root, logs)."""
-    path = cache_root() / "qemu"
+def work_dir(suite: str = "bookworm") -> Path:
+    """The harness's work folder for a Debian suite's dom0 (debs cache, unpacked root, logs):
+    one per suite, since the unpacked root is the suite's."""
+    path = cache_root() / ("qemu" if suite == "bookworm" else f"qemu-{suite}")
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -293,18 +294,25 @@ def boot(
     timeout: float = DEFAULT_TIMEOUT,
     ncpus: int = 2,
     xen_args: str = "",
+    suite: str = "bookworm",
+    xen_image: Path | None = None,
 ) -> BootResult:
     """Boot Debian's Xen with a Debian dom0, run ``cmds`` there, return what happened.
 
     ``files`` maps host files or folders to where they appear in dom0 (e.g. a payload to
     ``/payload/fix.livepatch``).  ``timeout`` bounds QEMU; a boot that does not finish in time
     yields ``booted == False`` rather than an exception, so the test can report the serial log.
+    ``suite`` is the Debian release of dom0 and its Xen tools (bookworm: 4.17, trixie: 4.20 with
+    a 6.12 kernel); ``xen_image`` a hypervisor to boot instead of the suite's (a tree's
+    ``xen.gz``).
     """
     check_host()
-    work = work_dir()
+    work = work_dir(suite)
     script = cmds.render() if isinstance(cmds, Script) else cmds
     args = ["bash", str(BOOT_SCRIPT), "-q", "-w", str(work), "-n", str(ncpus),
-            "-t", str(int(timeout)), *_file_args(files or {})]
+            "-t", str(int(timeout)), "-s", suite, *_file_args(files or {})]
+    if xen_image is not None:
+        args += ["-X", str(xen_image)]
     if xen_args:
         args += ["-x", xen_args]
     with _machine_lock(work):

@@ -8,6 +8,7 @@ against the simulator (``--backend sim --sim-state FILE``), which is how CI test
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from xsbuild import apply as lp
 from xsbuild import xen_abi
 from xsbuild.cli import cli
 from xsbuild.cli.common import check_name
-from xsbuild.errors import HypercallError
+from xsbuild.errors import HypercallError, UsageError
 from xsbuild.hypercall import BACKENDS, Backend, BackendChoice, open_backend
 
 _BACKEND_HELP = """\b
@@ -256,8 +257,8 @@ def load_cmd(file: str, name: str | None, nodeps: bool, force: bool, backend: st
 
 @cli.command("list", epilog=_EPILOG, help=_help(
     "List loaded payloads in upload order: name, state, last error, metadata.\n\n"
-    "The table is that of `xen-livepatch list`; --json adds the hypervisor's build-id and "
-    "the sysctl interface version.",
+    "The table is that of `xen-livepatch list`; --json adds the hypervisor's build-id, its "
+    "release and the sysctl interface version.",
     "  xsbuild list\n  xsbuild list --json | jq -r '.payloads[].name'"))
 @_common
 def list_cmd(backend: str, sim_state: str | None, sim_xen_syms: str | None,
@@ -274,6 +275,10 @@ def list_cmd(backend: str, sim_state: str | None, sim_xen_syms: str | None,
             except HypercallError as exc:
                 extra["build_id"] = None
                 extra["build_id_error"] = f"-{xen_abi.errno_name(exc.errno_value)}"
+            # the release whose loader rules apply (xen_versions.py); optional: absent when
+            # XENVER is refused or the release is older than the rules know
+            with contextlib.suppress(HypercallError, UsageError):
+                extra["xen_version"] = str(b.xen_version())
         return entries, extra
 
     entries, extra = _with_backend(args, work)

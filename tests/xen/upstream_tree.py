@@ -1,0 +1,138 @@
+"""Upstream Xen trees built the way teams build them, and the e2e patches ported to them.
+
+``../shared/xen-src/xen-<version>.tar.xz`` holds the hypervisor sources of a release.  A team
+builds it with ``make -C xen defconfig``, ``CONFIG_LIVEPATCH=y``, ``make olddefconfig`` and
+``make -C xen``, with today's date, its user and host in ``compile.h`` and no path mapping: an
+ordinary tree, not a reproducible one.  :func:`upstream_tree` builds each release that way once
+per machine (about 90 s on 2 cores), in the XDG cache keyed by the tarball's sha256 as the Debian
+tree is, built in a scratch folder and renamed into place when complete.  Nothing of these trees
+belongs in the repository.
+
+:func:`port_patch` carries one of ``tests/xen/patches`` (written against Debian's 4.17) to
+another release: the patch applied to a copy of the files it touches (``patch`` with fuzz, as a
+person porting it would), then written back out as a clean diff against the tree.  A patch whose
+change itself does not exist in the release is not ported (None).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import SHARED_DIR, cache_root
+
+XEN_SRC = SHARED_DIR / "xen-src"
+READY = "xsbuild-upstream.ok"  # written last: a folder without it is rebuilt
+
+
+class UpstreamTreeError(RuntimeError):
+    """The release's tarball is missing, or its build failed."""
+
+
+@dataclass(frozen=True)
+class UpstreamTree:
+    version: str
+    top: Path  # holds xen/, Config.mk, config/
+
+    @property
+    def xen_syms(self) -> Path:
+        return self.top / "xen" / "xen-syms"
+
+    @property
+    def xen_gz(self) -> Path:
+        return self.top / "xen" / "xen.gz"
+
+
+def tarball(version: str) -> Path:
+    return XEN_SRC / f"xen-{version}.tar.xz"
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def upstream_tree(version: str, *, jobs: int = 2) -> UpstreamTree:
+    """The built tree of ``version``, building it first if this machine has none."""
+    src = tarball(version)
+    if not src.is_file():
+        raise UpstreamTreeError(f"{src}: no such tarball (../shared/xen-src/)")
+    folder = cache_root() / "upstream" / f"{version}-{_sha256(src)[:16]}"
+    tree = UpstreamTree(version, folder / f"xen-{version}")
+    folder.mkdir(parents=True, exist_ok=True)
+    with (folder / ".lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (folder / READY).is_file():
+            _build(src, folder, tree, jobs)
+    return tree
+
+
+def _build(src: Path, folder: Path, tree: UpstreamTree, jobs: int) -> None:
+    shutil.rmtree(tree.top, ignore_errors=True)
+    scratch = Path(tempfile.mkdtemp(dir=folder, prefix=".build-"))
+    try:
+        subprocess.run(["tar", "xf", str(src), "-C", str(scratch)], check=True)
+        top = scratch / tree.top.name
+        env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "CFLAGS")}
+        log = folder / "build.log"
+        with log.open("w") as out:
+            def make(*args: str) -> None:
+                run = subprocess.run(["make", "-C", "xen", *args], cwd=top, env=env,
+                                     stdout=out, stderr=subprocess.STDOUT, check=False)
+                if run.returncode != 0:
+                    raise UpstreamTreeError(f"make {' '.join(args)} in {top} failed: see {log}")
+            make("defconfig")
+            with (top / "xen" / ".config").open("a") as config:
+                config.write("CONFIG_LIVEPATCH=y\n")
+            make("olddefconfig")
+            # Built where it will live: its debug info names that path, as a team's tree does.
+        os.rename(top, tree.top)
+        with log.open("a") as out:
+            run = subprocess.run(["make", "-C", "xen", f"-j{jobs}"], cwd=tree.top, env=env,
+                                 stdout=out, stderr=subprocess.STDOUT, check=False)
+        if run.returncode != 0:
+            raise UpstreamTreeError(f"make -C xen in {tree.top} failed: see {log}")
+        (folder / READY).write_text(f"{tree.version}\n")
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _patched_files(patch: Path) -> list[str]:
+    """The tree paths a -p1 patch touches (``+++ b/...`` lines; /dev/null for deletions)."""
+    files = []
+    for line in patch.read_text().splitlines():
+        if line.startswith("+++ "):
+            name = line[4:].split("\t")[0].strip()
+            if name != "/dev/null":
+                files.append(name.split("/", 1)[1])
+    return files
+
+
+def port_patch(patch: Path, top: Path, out: Path) -> Path | None:
+    """``patch`` carried to the tree ``top`` as a clean diff written to ``out``, or None."""
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        files = _patched_files(patch)
+        for side in ("a", "b"):
+            for rel in files:
+                original = top / rel
+                if original.is_file():
+                    (work / side / rel).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(original, work / side / rel)
+        run = subprocess.run(["patch", "-p1", "-F2", "--batch", "--no-backup-if-mismatch",
+                              "-s", "-i", str(patch.resolve())], cwd=work / "b",
+                             capture_output=True, text=True, check=False)
+        if run.returncode != 0:
+            return None
+        diff = subprocess.run(["diff", "-Nru", "a", "b"], cwd=work, capture_output=True,
+                              text=True, check=False)
+        if diff.returncode != 1:  # 1: they differ; 0 would mean the patch changed nothing
+            return None
+        header = patch.read_text().split("\n--- ", 1)[0]
+        out.write_text(f"{header}\n{diff.stdout}")
+    return out
