@@ -154,6 +154,25 @@ def test_readme_first_line_runs_in_a_clean_copy(tmp_path: Path) -> None:
     assert "reverting restores the original code" in proc.stdout
 
 
+@pytest.mark.slow
+def test_debian_version_without_a_source_package_is_one_line(cli, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch
+                                                             ) -> None:
+    """Debian trixie's 4.20.4+63 ships binaries whose source package bookworm's apt sources
+    (deb-src, as .ci/xen-e2e.sh sets them) cannot fetch: --debian says so before downloading
+    anything, exit 2, and points at --srcdir/--base."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    patch = tmp_path / "fix.patch"
+    patch.write_text("--- a/xen/common/version.c\n+++ b/xen/common/version.c\n"
+                     "@@ -1 +1 @@\n-a\n+b\n")
+    res = cli("build", "--debian", "4.20.4+63-g7abfd2bce2-0+deb13u1", "--patch", patch,
+              "-o", tmp_path / "x.livepatch")
+    line = res.err.strip()
+    assert res.rc == 2 and len(line.splitlines()) == 1, res.err
+    assert "xen 4.20.4+63-g7abfd2bce2-0+deb13u1 source package cannot be fetched" in line, line
+    assert "--srcdir" in line and not list((tmp_path / "cache").rglob("*.deb"))
+
+
 # ------------------------------------------------------------------------------------------------
 # 2, 3. Outputs: a missing folder is bad usage; an output that is an input is refused
 

@@ -256,9 +256,11 @@ def debian_base(version: str, *, jobs: int, progress: Progress) -> DebianBase:
     folder = version_folder(version)
     with _locked(folder):
         ref = folder / "ref"
+        top = _source_tree(folder)
+        if top is None:
+            _check_source_available(version, folder)
         if not (ref / ".complete").is_file():
             _download_binaries(version, ref, progress)
-        top = _source_tree(folder)
         if top is None:
             top = _download_source(version, folder, progress)
         xen_syms = _shipped_xen_syms(ref)
@@ -278,6 +280,21 @@ def _run_apt(args: list[str], cwd: Path, what: str) -> None:
                          "apt-get update")
     last = text.splitlines()[-1] if text else f"exit status {run.returncode}"
     raise UsageError(f"{what} failed: {' '.join(args)}: {last}")
+
+
+def _check_source_available(version: str, cwd: Path) -> None:
+    """Refuse at once, in one line, a version whose source package apt cannot fetch (a trixie
+    version on a bookworm machine, say): nothing can be rebuilt without it."""
+    run = subprocess.run(["apt-get", "source", "--print-uris", "-q", f"xen={version}"], cwd=cwd,
+                         capture_output=True, text=True, check=False)
+    text = (run.stderr or "").strip()
+    if run.returncode == 0 or "deb-src" in text or "source URIs" in text:
+        return  # available, or no deb-src at all: _download_source names that fix
+    raise UsageError(f"Debian's xen {version} source package cannot be fetched with this "
+                     "machine's apt sources (apt-get source: "
+                     f"{text.splitlines()[0] if text else f'exit {run.returncode}'}); "
+                     "--debian rebuilds the hypervisor from it. Next: build from a tree you "
+                     "built (--srcdir) or a base archive (--base)")
 
 
 def _download_binaries(version: str, ref: Path, progress: Progress) -> None:

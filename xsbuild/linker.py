@@ -18,6 +18,7 @@ Steps of :func:`link`:
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -90,7 +91,7 @@ def link_files(objects: Sequence[str | os.PathLike[str]], out: str | os.PathLike
     xs = xen_syms if isinstance(xen_syms, XenSymbols) else XenSymbols.load(xen_syms)
     payload_name = name or Path(out).name.removesuffix(".livepatch")
     elfs = [read_elf(p) for p in objects]
-    model, funcs = link(elfs, xs, prelink=prelink)
+    model, funcs = link(elfs, xs, prelink=prelink, payload_name=payload_name)
     xen_dep = xen_depends if xen_depends is not None else xs.build_id
     dep = depends if depends is not None else xs.build_id
     data, build_id = payload_format.payload_bytes(model, depends=dep, xen_depends=xen_dep,
@@ -105,12 +106,12 @@ def link_files(objects: Sequence[str | os.PathLike[str]], out: str | os.PathLike
                       objects=[str(p) for p in objects])
 
 
-def link(elfs: Sequence[Elf], xs: XenSymbols, *, prelink: bool = False
-         ) -> tuple[Elf, list[PatchedFunc]]:
+def link(elfs: Sequence[Elf], xs: XenSymbols, *, prelink: bool = False,
+         payload_name: str = "") -> tuple[Elf, list[PatchedFunc]]:
     model = merge(elfs)
     bind_undefined(model, xs, prelink)
     funcs = fill_funcs(model, xs)
-    rename_clashes(model, xs)
+    rename_clashes(model, xs, payload_name)
     return model, funcs
 
 
@@ -317,20 +318,31 @@ def _entry_name(model: Elf, funcs: Section, off: int) -> str:
 # Step 4: names
 
 
-def rename_clashes(model: Elf, xs: XenSymbols) -> None:
+def copy_suffix(payload_name: str) -> str:
+    """The suffix of a payload-local copy's name: ``.lp.`` and 8 hex digits of the payload's
+    name.  Xen checks every named symbol of a payload against its own table *and* the other
+    loaded payloads' new symbols (spec §1.7), and payloads have unique names: two payloads
+    that each copy ``common/version.c#build_info`` (stacked fixes to one object) get two
+    names."""
+    return ".lp." + hashlib.sha1(payload_name.encode()).hexdigest()[:8]
+
+
+def rename_clashes(model: Elf, xs: XenSymbols, payload_name: str = "") -> None:
     """Give payload-local copies names Xen does not have (Xen checks every named symbol of an
-    SHF_ALLOC section against its table, except those at a funcs ``new_addr``)."""
+    SHF_ALLOC section against its table, except those at a funcs ``new_addr``), and that no
+    other payload has (:func:`copy_suffix`)."""
     overriding = _overriding(model)
     taken = {s.name for s in model.symbols if s.name}
+    suffix = copy_suffix(payload_name)
     for s in model.symbols:
         if s.sec is None or s.is_section or not s.name or id(s) in overriding:
             continue
         if s.name in xs:
-            base, n = s.name + ".lp", 1
-            candidate = base
+            n = 1
+            candidate = s.name + suffix
             while candidate in xs or candidate in taken:
                 n += 1
-                candidate = f"{base}{n}"
+                candidate = f"{s.name}{suffix}.{n}"
             taken.add(candidate)
             s.name = candidate
 

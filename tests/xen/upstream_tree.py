@@ -41,6 +41,16 @@ class UpstreamTree:
     top: Path  # holds xen/, Config.mk, config/
 
     @property
+    def xen_dir(self) -> Path:
+        """Where make ran: every path of a ``.o.cmd`` is relative to it."""
+        return self.top / "xen"
+
+    @property
+    def build_env(self) -> dict[str, str]:
+        """The environment the tree was built in (for :func:`.debian_tree.recompile`)."""
+        return {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "CFLAGS")}
+
+    @property
     def xen_syms(self) -> Path:
         return self.top / "xen" / "xen-syms"
 
@@ -136,3 +146,46 @@ def port_patch(patch: Path, top: Path, out: Path) -> Path | None:
         header = patch.read_text().split("\n--- ", 1)[0]
         out.write_text(f"{header}\n{diff.stdout}")
     return out
+
+
+# --------------------------------------------------------------------------- Debian trixie
+TRIXIE_XEN = "4.20.4+63-g7abfd2bce2-0+deb13u1"
+TRIXIE_SOURCES = "deb http://deb.debian.org/debian trixie main\n"
+
+
+def trixie_xen_syms(version: str = TRIXIE_XEN) -> Path:
+    """trixie's shipped ``xen-syms`` (``xen-hypervisor-4.20-amd64-dbg``), downloaded once with a
+    private apt configuration (the machine's sources are not touched), cached."""
+    folder = cache_root() / "trixie" / version
+    syms = folder / "root" / "usr" / "lib" / "debug" / "boot" / "xen-syms-4.20-amd64"
+    folder.mkdir(parents=True, exist_ok=True)
+    with (folder / ".lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if syms.is_file():
+            return syms
+        apt = folder / "apt"
+        (apt / "parts").mkdir(parents=True, exist_ok=True)
+        (apt / "lists" / "partial").mkdir(parents=True, exist_ok=True)
+        (apt / "parts" / "trixie.list").write_text(TRIXIE_SOURCES)
+        opts = ["-o", "Dir::Etc::SourceList=/dev/null", "-o", f"Dir::Etc::SourceParts={apt}/parts",
+                "-o", f"Dir::State::Lists={apt}/lists", "-o", "Dir::Cache::pkgcache=",
+                "-o", "Dir::Cache::srcpkgcache="]
+        debs = folder / "debs"
+        debs.mkdir(exist_ok=True)
+        for args, cwd in ((["update", "-qq"], folder),
+                          (["download", "-q", f"xen-hypervisor-4.20-amd64-dbg={version}"], debs)):
+            run = subprocess.run(["apt-get", *opts, *args], cwd=cwd, capture_output=True,
+                                 text=True, check=False)
+            if run.returncode != 0:
+                raise UpstreamTreeError(f"apt-get {args[0]} (trixie): {run.stderr.strip()[-300:]}")
+        scratch = Path(tempfile.mkdtemp(dir=folder, prefix=".root-"))
+        try:
+            for deb in debs.glob("*.deb"):
+                subprocess.run(["dpkg-deb", "-x", str(deb), str(scratch)], check=True)
+            shutil.rmtree(folder / "root", ignore_errors=True)
+            os.rename(scratch, folder / "root")
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        if not syms.is_file():
+            raise UpstreamTreeError(f"{syms}: not in trixie's -dbg package")
+    return syms

@@ -34,7 +34,7 @@ from xsbuild.prove.normal import (
 from xsbuild.prove.report import DiffKind
 from xsbuild.xensyms import parse_build_id_note
 
-_LP_SUFFIX = re.compile(r"\.lp\d*$")  # xsbuild.linker.rename_clashes' suffix
+_LP_SUFFIX = re.compile(r"\.lp\.[0-9a-f]{8}(\.\d+)?$")  # xsbuild.linker.copy_suffix
 
 
 # ------------------------------------------------------------------------------------------
@@ -49,7 +49,7 @@ _PAYLOAD_OWN_SECTIONS = (".livepatch", ".note", ".modinfo", ".altinstr", ".ex_ta
 def xen_name(sym: Symbol) -> str:
     """The name a payload symbol has in the patched hypervisor's table: statics as
     ``file#name``; a payload-local copy the linker renamed so as not to clash with the
-    hypervisor's (``foo.cold.lp``, ``foo.lp2``) by the name it copies."""
+    hypervisor's (``foo.cold.lp.1a2b3c4d``) by the name it copies."""
     if sym.sec is None:
         return sym.name
     name = _LP_SUFFIX.sub("", sym.name)
