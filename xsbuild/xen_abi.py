@@ -139,6 +139,7 @@ BUG_FRAME_OFF_MSG = 12
 # have no sections of their own there): (start, stop) symbols, measured on Debian's xen-syms.
 XEN_ALT_RANGE = ("__alt_instructions", "__alt_instructions_end")
 XEN_EX_TABLE_RANGE = ("__start___ex_table", "__stop___ex_table")
+XEN_ALT_CALL_RANGE = ("__alt_call_sites_start", "__alt_call_sites_end")  # 4.21+ xen.lds.S
 XEN_BUG_FRAME_RANGES = (("__start_bug_frames", "__stop_bug_frames_0"),
                         ("__stop_bug_frames_0", "__stop_bug_frames_1"),
                         ("__stop_bug_frames_1", "__stop_bug_frames_2"),
@@ -157,6 +158,8 @@ def special_entry_size(section: str) -> int:
         return ALT_INSTR_SIZE
     if section == SEC_EX_TABLE:
         return EX_TABLE_ENTRY_SIZE
+    if section == SEC_ALT_CALL_SITES:
+        return ALT_CALL.size
     if section == BUG_FRAME_ASSERT:
         return ASSERT_FRAME.size
     if section in BUG_FRAME_SECTIONS:

@@ -69,6 +69,10 @@ SPECIAL_SECTIONS = (
                    fragment_section=xen_abi.SEC_FIXUP),
     *(SpecialSection(name, xen_abi.special_entry_size(name), real_offset=bug_frame_real_offset)
       for name in xen_abi.BUG_FRAME_SECTIONS),
+    # 4.21+: each entry names an indirect call Xen turns into a direct one (with IBT, the
+    # target's ENDBR may be gone after boot, so an unconverted call in a payload would fault).
+    SpecialSection(xen_abi.SEC_ALT_CALL_SITES,
+                   xen_abi.special_entry_size(xen_abi.SEC_ALT_CALL_SITES)),
 )
 
 

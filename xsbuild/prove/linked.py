@@ -127,6 +127,9 @@ class LinkedImage:
         for addr in range(start, end, xen_abi.EX_TABLE_ENTRY_SIZE):
             at = addr + xen_abi.EX_TABLE_OFF_ADDR
             yield "ex", addr, 0, at + _s32(self.read(at, 4))
+        start, end = self._range(*xen_abi.XEN_ALT_CALL_RANGE, xen_abi.SEC_ALT_CALL_SITES)
+        for addr in range(start, end, xen_abi.ALT_CALL.size):
+            yield "altcall", addr, 0, addr + _s32(self.read(addr, 4))
         for typ, section in enumerate(xen_abi.BUG_FRAME_SECTIONS):
             step = xen_abi.special_entry_size(section)
             start, end = self._range(*xen_abi.XEN_BUG_FRAME_RANGES[typ], section)
@@ -253,6 +256,9 @@ def _linked_entry(image: LinkedImage, kind: str, addr: int, typ: int, func_addr:
         site_at, cont_at = addr + xen_abi.EX_TABLE_OFF_ADDR, addr + xen_abi.EX_TABLE_OFF_CONT
         return Entry(DiffKind.EX_TABLE, site_at + _s32(image.read(site_at, 4)) - func_addr, (),
                      (image.target_ref(cont_at + _s32(image.read(cont_at, 4)), 0, frags),),
+                     where=where)
+    if kind == "altcall":
+        return Entry(DiffKind.ALT_CALL, addr + _s32(image.read(addr, 4)) - func_addr, (),
                      where=where)
     loc = _u32(image.read(addr + xen_abi.BUG_FRAME_OFF_LOC, 4))
     ptr = _u32(image.read(addr + xen_abi.BUG_FRAME_OFF_PTR, 4))

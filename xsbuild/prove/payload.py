@@ -105,7 +105,8 @@ class PayloadImage:
         return payload
 
     def _index_entries(self) -> None:
-        specs = [(xen_abi.SEC_ALTINSTRUCTIONS, -1), (xen_abi.SEC_EX_TABLE, -2)]
+        specs = [(xen_abi.SEC_ALTINSTRUCTIONS, -1), (xen_abi.SEC_EX_TABLE, -2),
+                 (xen_abi.SEC_ALT_CALL_SITES, -3)]
         specs += [(name, typ) for typ, name in enumerate(xen_abi.BUG_FRAME_SECTIONS)]
         for name, typ in specs:
             sec = self.elf.section(name)
@@ -288,6 +289,10 @@ def _payload_entry(sec: Section, off: int, typ: int, origin: int, frags: Fragmen
         site = site_r.sym.value + site_r.addend - origin if site_r else -1
         refs = (_reloc_ref(cont_r, 0, 0, frags),) if cont_r else (("?",),)
         return Entry(DiffKind.EX_TABLE, site, (), refs, where=where)
+    if typ == -3:  # .alt_call_sites
+        site_r = _reloc_at(sec, off)
+        return Entry(DiffKind.ALT_CALL, site_r.sym.value + site_r.addend - origin
+                     if site_r else -1, (), where=where)
     loc_r = _reloc_at(sec, off + xen_abi.BUG_FRAME_OFF_LOC)
     ptr_r = _reloc_at(sec, off + xen_abi.BUG_FRAME_OFF_PTR)
     site = loc_r.sym.value + _bug_target(loc_r.addend, 0) - origin if loc_r else -1

@@ -22,6 +22,7 @@ class DiffKind(StrEnum):
     ALTERNATIVE = "alternative"
     EX_TABLE = "ex-table"
     BUG_FRAME = "bug-frame"
+    ALT_CALL = "alt-call"  # 4.21+: an indirect call Xen converts (.alt_call_sites)
     DATA = "data"  # a carried table's bytes or pointers differ
     ABSENT = "absent"  # the payload's function does not exist in the patched hypervisor
     MISSING = "missing"  # changed in the patched hypervisor, not carried by the payload
