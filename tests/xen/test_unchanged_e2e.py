@@ -1,6 +1,6 @@
-"""Behaviour unchanged on Debian's tree: every e2e patch of ``tests/xen/patches/`` built by
-``xsbuild build`` with the code of :data:`tests.support.baseline.BASE_COMMIT` and with the
-current code gives byte-identical payloads (or the same refusal).  Needs the Debian tree."""
+"""Behaviour unchanged on Debian's tree: e2e patches of ``tests/xen/patches/`` (one of each
+kind) built by ``xsbuild build`` with the code of :data:`tests.support.baseline.BASE_COMMIT` and
+with the current code give the same payloads (or the same refusal).  Needs the Debian tree."""
 
 from __future__ import annotations
 
@@ -23,7 +23,10 @@ from .test_build_e2e import PATCHES, header_args
 
 pytestmark = pytest.mark.slow
 
-STEMS = sorted(p.name.split("-", 1)[0] for p in PATCHES.glob("*.patch"))
+# One patch of each kind (the fast twin covers every fixture scenario): a changed function, one
+# stacked on it, new function and data, bug frames, a header inline in two objects, a refusal,
+# a const table, an assembly function.
+STEMS = ("01", "02", "04", "09", "11", "13", "16", "17")
 
 
 def _build(code: Path, tree: DebianTree, patch: Path, out: Path,

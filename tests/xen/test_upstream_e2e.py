@@ -47,12 +47,14 @@ VERSIONS = ("4.19.6", "4.20.4", "4.21.2")
 PROVEN_ON = "4.20.4"
 ON_XEN = ("4.20.4", "4.21.2")  # booted under QEMU with trixie's dom0
 # Applied there with xsbuild (each xsbuild call costs seconds of TCG emulation): new function
-# and data, hooks, a header inline in two objects, an assembly function.
-SINGLES_ON_XEN = ("04", "10", "11", "17")
-# Proven on PROVEN_ON: a changed function, static locals, alternatives, a header inline used by
-# two objects, a const table and its reader, an assembly function.
-PROVEN = ("01", "06", "08", "11", "16", "17")
+# and data, hooks, an assembly function.
+SINGLES_ON_XEN = ("04", "10", "17")
+# Proven on PROVEN_ON: a changed function, a header inline used by two objects, an assembly
+# function (the Debian suite proves every category; these prove the rebuild of a plain tree).
+PROVEN = ("01", "11", "17")
 GOOD = ("01", "03", "04", "05", "06", "07", "08", "09", "10", "11", "12", "16", "17")
+# 4.19.6 is built and its payloads checked, not booted: one of each kind of change suffices.
+GOOD_ON = {"4.19.6": ("01", "03", "04", "11", "16", "17")}
 LAYOUT_ON = "4.21.2"  # its struct domain differs from 4.17's most
 REFUSED = {
     "13": ("sercon_handle", "changed initialised data"),
@@ -114,7 +116,7 @@ def payloads(tree: UpstreamTree, ported: dict[str, Path],
     out_dir = tmp_path_factory.mktemp(f"payloads-{tree.version}")
     before = _snapshot(tree.top)
     built: dict[str, Built] = {}
-    for stem in ("01", "02", *GOOD[1:]):
+    for stem in ("01", "02", *GOOD_ON.get(tree.version, GOOD)[1:]):
         extra = ["--depends", built["01"].build_id] if stem == "02" else []
         if tree.version == PROVEN_ON and stem in PROVEN:
             extra.append("--prove")
