@@ -50,7 +50,7 @@ int altcall_second(int v)
 """
 
 
-def _sites(obj: Path) -> list[tuple[str, int]]:
+def payload_sites(obj: Path) -> list[tuple[str, int]]:
     """(section, offset in it) of the call each .alt_call_sites entry names, in entry order."""
     with obj.open("rb") as fh:
         elf = ELFFile(fh)
@@ -67,7 +67,7 @@ def _sites(obj: Path) -> list[tuple[str, int]]:
         return sites
 
 
-def _code_at(obj: Path, section: str, offset: int) -> bytes:
+def code_at(obj: Path, section: str, offset: int) -> bytes:
     with obj.open("rb") as fh:
         sec = ELFFile(fh).get_section_by_name(section)
         assert sec is not None, f"{section} not in {obj}"
@@ -77,13 +77,13 @@ def _code_at(obj: Path, section: str, offset: int) -> bytes:
 def test_sites_of_carried_functions_only(toolchain: Toolchain, tmp_path: Path) -> None:
     orig = toolchain.compile_source(SOURCE.replace("FIRST", "1"), UNIT)
     patched = toolchain.compile_source(SOURCE.replace("FIRST", "2"), UNIT)
-    assert len(_sites(patched)) == 3  # gcc kept all three sites
+    assert len(payload_sites(patched)) == 3  # gcc kept all three sites
     out = tmp_path / "altcall.o"
     result = diff_files(str(orig), str(patched), str(out))
     assert [u.name for u in result.changed_functions] == ["altcall_first"]
-    sites = _sites(out)
+    sites = payload_sites(out)
     assert len(sites) == 1, sites
     [(where, offset)] = sites
     assert "altcall_first" in where, sites
     # The entry still names the indirect call (ff 15: call *disp32(%rip)).
-    assert _code_at(out, where, offset)[:2] == b"\xff\x15"
+    assert code_at(out, where, offset)[:2] == b"\xff\x15"

@@ -12,6 +12,7 @@ still rebuilds bit-identically in xsbuild's private copy.  The tree is never wri
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import subprocess
@@ -19,6 +20,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from tests.test_alt_call_sites import code_at, payload_sites
 
 from .conftest import BootFn
 from .dom0py import Dom0Python
@@ -164,6 +167,38 @@ def test_refused(tree: UpstreamTree, ported: dict[str, Path], tmp_path: Path,
     for needle in REFUSED[stem]:
         assert needle in message, (tree.version, stem, message)
     assert not out.exists()
+
+
+# A change to a 4.21 function with alternative calls (hvm_funcs hooks): its payload must carry
+# the .alt_call_sites entries of those calls (tests/test_alt_call_sites.py has the why).  The
+# patch is made from the tree's own file; only this line of it is named here.
+ALT_CALL_FILE = "xen/arch/x86/monitor.c"
+ALT_CALL_ANCHOR = "    bool requested_status = (XEN_DOMCTL_MONITOR_OP_ENABLE == mop->op);\n"
+ALT_CALL_CHECK = "\n    if ( mop->event > 64 )\n        return -EINVAL;\n"
+
+
+def test_alt_call_sites_travel_on_4_21(tree: UpstreamTree, tmp_path: Path) -> None:
+    if tree.version != "4.21.2":
+        pytest.skip(".alt_call_sites exist from 4.21")
+    text = (tree.top / ALT_CALL_FILE).read_text()
+    assert text.count(ALT_CALL_ANCHOR) == 1
+    patched = text.replace(ALT_CALL_ANCHOR, ALT_CALL_ANCHOR + ALT_CALL_CHECK)
+    patch = tmp_path / "altcall.patch"
+    patch.write_text("".join(difflib.unified_diff(
+        text.splitlines(keepends=True), patched.splitlines(keepends=True),
+        f"a/{ALT_CALL_FILE}", f"b/{ALT_CALL_FILE}")))
+    out = tmp_path / "altcall.livepatch"
+    run = _build(tree, patch, out)
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout)["changed_functions"] == ["arch_monitor_domctl_event"]
+    sites = payload_sites(out)
+    assert len(sites) >= 2, sites  # the function makes several hvm_funcs calls
+    for section, offset in sites:
+        assert section == ".text.arch_monitor_domctl_event", sites
+        assert code_at(out, section, offset)[:2] == b"\xff\x15"  # call *disp32(%rip)
+    check = subprocess.run([sys.executable, "-m", "xsbuild", "check", str(out), "--xen-syms",
+                            str(tree.xen_syms)], capture_output=True, text=True, check=False)
+    assert check.returncode == 0, check.stdout + check.stderr
 
 
 # --------------------------------------------------------------------------- on the hypervisor
