@@ -396,23 +396,22 @@ def read_payload(path: str | os.PathLike[str]) -> bytes:
 
 
 def precheck_payload(path: str | os.PathLike[str], name: str,
-                     backend: Backend | None = None) -> bytes:
+                     running: tuple[Target, bytes | None] = (UNKNOWN_TARGET, None)) -> bytes:
     """The payload's bytes once the offline check (``xsbuild check``, payload only) passes.
 
     Run before any hypercall, so that a file that is not a payload is named as such instead of
     surfacing as the loader's bare -EINVAL: ``ElfParseError`` (exit 2) for something that is not
     an x86-64 ELF or is truncated, ``HypercallError`` with Xen's errno (exit 1) for a payload
-    the loader would reject.  With ``backend``, once the file is known to be an ELF, the check
-    applies the running release's loader rules (XENVER_version: the RO funcs trap of 4.17.1,
-    say) and compares ``.livepatch.xen_depends`` with its build-id; a hypervisor that refuses
-    XENVER leaves the rules common to every release.
+    the loader would reject.  ``running`` is the running hypervisor (:func:`running_target`):
+    its release's loader rules apply (the RO funcs trap of 4.17.1, say) and
+    ``.livepatch.xen_depends`` must be its build-id.
     """
     from xsbuild.check import check_payload
     from xsbuild.elf import check_elf_header
 
     data = read_payload(path)
     check_elf_header(str(path), data)
-    target, build_id = _running_target(backend)
+    target, build_id = running
     report = check_payload(data, target=target, xen_build_id=build_id)
     if report.problems:
         first = report.problems[0]
@@ -424,10 +423,9 @@ def precheck_payload(path: str | os.PathLike[str], name: str,
     return data
 
 
-def _running_target(backend: Backend | None) -> tuple[Target, bytes | None]:
-    """The running hypervisor's release and build-id, each None when it cannot be read."""
-    if backend is None:
-        return UNKNOWN_TARGET, None
+def running_target(backend: Backend) -> tuple[Target, bytes | None]:
+    """The running hypervisor's release (XENVER_version; unknown when refused: the rules common
+    to every release) and build-id (None when refused)."""
     try:
         target = Target(backend.xen_version(), VersionSource.HYPERVISOR)
     except (HypercallError, UsageError):
@@ -439,13 +437,14 @@ def _running_target(backend: Backend | None) -> tuple[Target, bytes | None]:
     return target, build_id
 
 
-def upload_flags(backend: Backend, name: str, force: bool) -> int:
+def upload_flags(backend: Backend, name: str, force: bool,
+                 target: Target = UNKNOWN_TARGET) -> int:
     """The op flags for UPLOAD: ``LIVEPATCH_FLAG_FORCE`` with ``force``, which only 4.19 and
     later can carry (before, the field is a pad that must be 0, spec §4.2): refused at once,
     before any UPLOAD, against an older hypervisor."""
     if not force:
         return 0
-    version = backend.xen_version()
+    version = target.version or backend.xen_version()  # probed again: say why it cannot be
     if not Target(version, VersionSource.HYPERVISOR).has(Rule.FLAG_FORCE):
         raise ForceUnsupportedError(
             f"upload {name}: --force needs Xen 4.19 or later (LIVEPATCH_FLAG_FORCE); this "
@@ -457,8 +456,9 @@ def upload_flags(backend: Backend, name: str, force: bool) -> int:
 def upload(backend: Backend, name: str, path: str | os.PathLike[str],
            force: bool = False) -> UploadResult:
     """UPLOAD ``path`` as ``name`` (synchronous: the loader's checks run in the hypercall)."""
-    data = precheck_payload(path, name, backend)
-    flags = upload_flags(backend, name, force)
+    running = running_target(backend)
+    data = precheck_payload(path, name, running)
+    flags = upload_flags(backend, name, force, running[0])
     try:
         backend.upload(name, data, flags)
     except HypercallError as exc:

@@ -113,10 +113,14 @@ def build(tree: DebianTree, stem: str, out_dir: Path, *extra: str) -> Built:
     return Built(summary["name"], out, summary["build_id"], summary)
 
 
-def _snapshot(top: Path) -> dict[str, tuple[int, int]]:
-    """mtime and size of every file under the directories the patches touch."""
+# The directories the patches touch.
+PATCHED_DIRS = ("xen/common", "xen/include/xen", "xen/drivers/char")
+
+
+def snapshot(top: Path, subdirs: tuple[str, ...] = PATCHED_DIRS) -> dict[str, tuple[int, int]]:
+    """mtime and size of every file under ``subdirs`` of ``top``."""
     snap = {}
-    for sub in ("xen/common", "xen/include/xen", "xen/drivers/char"):
+    for sub in subdirs:
         for dirpath, _dirs, files in os.walk(top / sub):
             for name in files:
                 st = os.lstat(os.path.join(dirpath, name))
@@ -128,12 +132,12 @@ def _snapshot(top: Path) -> dict[str, tuple[int, int]]:
 def payloads(debian_tree: DebianTree, tmp_path_factory: pytest.TempPathFactory
              ) -> dict[str, Built]:
     out = tmp_path_factory.mktemp("payloads")
-    before = _snapshot(debian_tree.source_top)
+    before = snapshot(debian_tree.source_top)
     built = {"01": build(debian_tree, "01", out)}
     built["02"] = build(debian_tree, "02", out, "--depends", built["01"].build_id)
     for stem in ("03", "04", "05", "06", "07", "08", "09", "10", "11", "12", "16", "17"):
         built[stem] = build(debian_tree, stem, out)
-    assert _snapshot(debian_tree.source_top) == before, "xsbuild build wrote into the tree"
+    assert snapshot(debian_tree.source_top) == before, "xsbuild build wrote into the tree"
     return built
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import difflib
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -41,6 +40,7 @@ from .test_build_e2e import (
     check_singles,
     check_stack,
     lines,
+    snapshot,
 )
 from .upstream_tree import UpstreamTree, port_patch, tarball, upstream_tree
 
@@ -90,15 +90,6 @@ def ported(tree: UpstreamTree, tmp_path_factory: pytest.TempPathFactory) -> dict
     return patches
 
 
-def _snapshot(top: Path) -> dict[str, tuple[int, int]]:
-    snap = {}
-    for dirpath, _dirs, files in os.walk(top / "xen"):
-        for name in files:
-            st = os.lstat(os.path.join(dirpath, name))
-            snap[os.path.join(dirpath, name)] = (st.st_mtime_ns, st.st_size)
-    return snap
-
-
 def _build(tree: UpstreamTree, patch: Path, out: Path, *extra: str
            ) -> subprocess.CompletedProcess[str]:
     argv = [sys.executable, "-m", "xsbuild", "build", "--srcdir", str(tree.top),
@@ -117,7 +108,7 @@ def payloads(tree: UpstreamTree, ported: dict[str, Path],
              tmp_path_factory: pytest.TempPathFactory) -> dict[str, Built]:
     """Every good patch built against the tree (02 stacked on 01); on PROVEN_ON some proven."""
     out_dir = tmp_path_factory.mktemp(f"payloads-{tree.version}")
-    before = _snapshot(tree.top)
+    before = snapshot(tree.top, ("xen",))
     built: dict[str, Built] = {}
     for stem in ("01", "02", *GOOD_ON.get(tree.version, GOOD)[1:]):
         extra = ["--depends", built["01"].build_id] if stem == "02" else []
@@ -131,7 +122,7 @@ def payloads(tree: UpstreamTree, ported: dict[str, Path],
         if "--prove" in extra:
             assert summary["proof"]["verdict"] == "proven", (stem, summary["proof"])
         built[stem] = Built(summary["name"], out, summary["build_id"], summary)
-    assert _snapshot(tree.top) == before, "xsbuild build wrote into the tree"
+    assert snapshot(tree.top, ("xen",)) == before, "xsbuild build wrote into the tree"
     return built
 
 

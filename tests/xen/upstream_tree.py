@@ -25,6 +25,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from xsbuild.capture import parse_patch_files
+
 from . import SHARED_DIR, cache_root
 
 XEN_SRC = SHARED_DIR / "xen-src"
@@ -85,49 +87,37 @@ def upstream_tree(version: str, *, jobs: int = 2) -> UpstreamTree:
 def _build(src: Path, folder: Path, tree: UpstreamTree, jobs: int) -> None:
     shutil.rmtree(tree.top, ignore_errors=True)
     scratch = Path(tempfile.mkdtemp(dir=folder, prefix=".build-"))
+    log = folder / "build.log"
+    log.write_text("")
     try:
         subprocess.run(["tar", "xf", str(src), "-C", str(scratch)], check=True)
         top = scratch / tree.top.name
-        env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "CFLAGS")}
-        log = folder / "build.log"
-        with log.open("w") as out:
-            def make(*args: str) -> None:
-                run = subprocess.run(["make", "-C", "xen", *args], cwd=top, env=env,
-                                     stdout=out, stderr=subprocess.STDOUT, check=False)
-                if run.returncode != 0:
-                    raise UpstreamTreeError(f"make {' '.join(args)} in {top} failed: see {log}")
-            make("defconfig")
-            with (top / "xen" / ".config").open("a") as config:
-                config.write("CONFIG_LIVEPATCH=y\n")
-            make("olddefconfig")
-            # Built where it will live: its debug info names that path, as a team's tree does.
+        _make(tree, top, log, "defconfig")
+        with (top / "xen" / ".config").open("a") as config:
+            config.write("CONFIG_LIVEPATCH=y\n")
+        _make(tree, top, log, "olddefconfig")
+        # Built where it will live: its debug info names that path, as a team's tree does.
         os.rename(top, tree.top)
-        with log.open("a") as out:
-            run = subprocess.run(["make", "-C", "xen", f"-j{jobs}"], cwd=tree.top, env=env,
-                                 stdout=out, stderr=subprocess.STDOUT, check=False)
-        if run.returncode != 0:
-            raise UpstreamTreeError(f"make -C xen in {tree.top} failed: see {log}")
+        _make(tree, tree.top, log, f"-j{jobs}")
         (folder / READY).write_text(f"{tree.version}\n")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _patched_files(patch: Path) -> list[str]:
-    """The tree paths a -p1 patch touches (``+++ b/...`` lines; /dev/null for deletions)."""
-    files = []
-    for line in patch.read_text().splitlines():
-        if line.startswith("+++ "):
-            name = line[4:].split("\t")[0].strip()
-            if name != "/dev/null":
-                files.append(name.split("/", 1)[1])
-    return files
+def _make(tree: UpstreamTree, top: Path, log: Path, *args: str) -> None:
+    with log.open("a") as out:
+        run = subprocess.run(["make", "-C", "xen", *args], cwd=top, env=tree.build_env,
+                             stdout=out, stderr=subprocess.STDOUT, check=False)
+    if run.returncode != 0:
+        raise UpstreamTreeError(f"make {' '.join(args)} in {top} failed: see {log}")
 
 
 def port_patch(patch: Path, top: Path, out: Path) -> Path | None:
     """``patch`` carried to the tree ``top`` as a clean diff written to ``out``, or None."""
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        files = _patched_files(patch)
+        files = [f.path for f in parse_patch_files(patch.read_text(), patch.name)
+                 if not f.deleted]
         for side in ("a", "b"):
             for rel in files:
                 original = top / rel
