@@ -124,8 +124,9 @@ def rewrite(src: Path, dst: Path, change: Callable[[Elf], None] = lambda _e: Non
 # The e2e payloads are proven
 
 
-@pytest.mark.parametrize("stem", ["01", "02", "03", "04", "05", "06", "07", "08", "09", "10",
-                                  "11", "12"])
+# The payloads the mutations below alter (tests/xen/test_build_e2e.py builds every e2e patch
+# with --prove and requires "proven": proving the others again here would only cost CI time).
+@pytest.mark.parametrize("stem", ["01", "04", "07", "08", "11"])
 def test_payload_proven(scenario: Callable[[str], Scenario], orig: LinkedImage,
                         tmp_path: Path, stem: str) -> None:
     s = scenario(stem)

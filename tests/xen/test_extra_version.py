@@ -12,6 +12,7 @@ reverts and unloads the payload while dom0 reads ``/sys/hypervisor/version/extra
   --build-id=sha1``, with an enabled expectation of the bytes the jump replaces.  It proves the
   harness independently of xsbuild's builder, and checks ``xen_abi``'s struct layout against
   Xen's header at compile time.  The same boot shows a refused upload (wrong xen build-id).
+  Both payloads go through one boot (``lifecycle_boot``), one after the other.
 * The recompile tests prove the object xsbuild diffs against is the object Debian shipped.
 """
 
@@ -27,9 +28,8 @@ from elftools.elf.elffile import ELFFile
 
 from xsbuild import xen_abi
 
-from .conftest import BootFn
 from .debian_tree import DebianTree, compile_like, read_build_id, recompile
-from .qemu import BootResult, Script
+from .qemu import BootResult, Script, boot
 
 pytestmark = pytest.mark.xen
 
@@ -85,8 +85,10 @@ def test_recompile_patched_source_changes_the_object(debian_tree: DebianTree,
 
 
 # --------------------------------------------------------------------------- lifecycle in dom0
-def lifecycle_script(name: str, payload: str, *, reapply: bool) -> Script:
-    """Upload, apply, revert (optionally apply and revert again), unload, reading extra each time.
+def lifecycle_script(name: str, payload: str, *, reapply: bool, tag: str = "",
+                     script: Script | None = None) -> Script:
+    """Upload, apply, revert (optionally apply and revert again), unload, reading extra each time;
+    steps named ``<tag>upload`` and so on, appended to ``script`` if given.
 
     Each xen-livepatch call is retried while it exits 2 (EAGAIN/EBUSY: "retry", spec §5), which
     a rendezvous under TCG may occasionally need; it then reports "No action needed".
@@ -95,21 +97,21 @@ def lifecycle_script(name: str, payload: str, *, reapply: bool) -> Script:
         return (f"for try in 1 2 3 4 5; do xen-livepatch {args}; rc=$?; "
                 "[ $rc = 2 ] || break; sleep 1; done; exit $rc")
 
-    script = (Script()
-              .step("extra-before", READ_EXTRA)
-              .step("upload", livepatch(f"upload {name} {payload}"))
-              .step("list-checked", "xen-livepatch list")
-              .step("apply", livepatch(f"apply {name}"))
-              .step("extra-applied", READ_EXTRA)
-              .step("list-applied", "xen-livepatch list")
-              .step("revert", livepatch(f"revert {name}"))
-              .step("extra-reverted", READ_EXTRA))
+    script = script if script is not None else Script()
+    (script.step(f"{tag}extra-before", READ_EXTRA)
+           .step(f"{tag}upload", livepatch(f"upload {name} {payload}"))
+           .step(f"{tag}list-checked", "xen-livepatch list")
+           .step(f"{tag}apply", livepatch(f"apply {name}"))
+           .step(f"{tag}extra-applied", READ_EXTRA)
+           .step(f"{tag}list-applied", "xen-livepatch list")
+           .step(f"{tag}revert", livepatch(f"revert {name}"))
+           .step(f"{tag}extra-reverted", READ_EXTRA))
     if reapply:
-        script.step("apply-again", livepatch(f"apply {name}")) \
-              .step("extra-again", READ_EXTRA) \
-              .step("revert-again", livepatch(f"revert {name}"))
-    return (script.step("unload", livepatch(f"unload {name}"))
-                  .step("list-end", "xen-livepatch list"))
+        (script.step(f"{tag}apply-again", livepatch(f"apply {name}"))
+               .step(f"{tag}extra-again", READ_EXTRA)
+               .step(f"{tag}revert-again", livepatch(f"revert {name}")))
+    return (script.step(f"{tag}unload", livepatch(f"unload {name}"))
+                  .step(f"{tag}list-end", "xen-livepatch list"))
 
 
 LIFECYCLE_STEPS = ("extra-before", "upload", "list-checked", "apply", "extra-applied",
@@ -117,30 +119,34 @@ LIFECYCLE_STEPS = ("extra-before", "upload", "list-checked", "apply", "extra-app
 REAPPLY_STEPS = ("apply-again", "extra-again", "revert-again")
 
 
-def assert_lifecycle(result: BootResult, name: str, new_string: str, *, reapply: bool) -> None:
+def assert_lifecycle(result: BootResult, name: str, new_string: str, *, reapply: bool,
+                     tag: str = "", also_busy: tuple[str, ...] = ()) -> None:
+    """The steps of :func:`lifecycle_script` (``tag``) all succeeded and extra changed and came
+    back; ``also_busy`` names other payloads of the boot whose rendezvous may have been retried."""
     assert len(new_string) < xen_abi.XEN_EXTRAVERSION_LEN, "sysfs would show it truncated"
     why = result.describe()
     for step_name in LIFECYCLE_STEPS + (REAPPLY_STEPS if reapply else ()):
-        step = result.step(step_name)
+        step = result.step(tag + step_name)
         assert step.rc == 0, f"step {step.name} failed (rc={step.rc}):\n{step.output}\n{why}"
-    before = result.step("extra-before").output.strip()
+    before = result.step(f"{tag}extra-before").output.strip()
     assert before and before != new_string, why
-    assert result.step("extra-applied").output.strip() == new_string, why
-    assert result.step("extra-reverted").output.strip() == before, why
+    assert result.step(f"{tag}extra-applied").output.strip() == new_string, why
+    assert result.step(f"{tag}extra-reverted").output.strip() == before, why
     if reapply:
-        assert result.step("extra-again").output.strip() == new_string, why
-    assert re.search(rf"^{re.escape(name)}\s.*CHECKED", result.step("list-checked").output,
-                     re.MULTILINE), result.step("list-checked").output
-    assert re.search(rf"^{re.escape(name)}\s.*APPLIED", result.step("list-applied").output,
-                     re.MULTILINE), result.step("list-applied").output
-    assert "Nothing to list" in result.step("list-end").output, why
+        assert result.step(f"{tag}extra-again").output.strip() == new_string, why
+    assert re.search(rf"^{re.escape(name)}\s.*CHECKED", result.step(f"{tag}list-checked").output,
+                     re.MULTILINE), result.step(f"{tag}list-checked").output
+    assert re.search(rf"^{re.escape(name)}\s.*APPLIED", result.step(f"{tag}list-applied").output,
+                     re.MULTILINE), result.step(f"{tag}list-applied").output
+    assert "Nothing to list" in result.step(f"{tag}list-end").output, why
     messages = "\n".join(result.livepatch_messages())
     applies = 2 if reapply else 1
     assert messages.count(f"livepatch: {name} finished APPLY with rc=0") == applies, messages
     assert messages.count(f"livepatch: {name} finished REVERT with rc=0") == applies, messages
     # A rendezvous that timed out under TCG (-EBUSY) was retried above and then succeeded.
-    busy = rf"livepatch: {re.escape(name)} finished \w+ with rc=-{xen_abi.EBUSY}$"
-    assert result.hypervisor_errors(expected=[busy]) == [], why
+    busy = [rf"livepatch: {re.escape(n)} finished \w+ with rc=-{xen_abi.EBUSY}$"
+            for n in (name, *also_busy)]
+    assert result.hypervisor_errors(expected=busy) == [], why
 
 
 # --------------------------------------------------------------------------- handmade payload
@@ -287,55 +293,67 @@ def _other_build_id(build_id: str) -> str:
     return raw.hex()
 
 
-def test_handmade_payload(debian_tree: DebianTree, xen_boot: BootFn, tmp_path: Path) -> None:
-    name, new_string = "xsb_handmade", "xsb-handmade"
-    payload = build_handmade_payload(debian_tree, tmp_path, name, new_string)
-    check_handmade_payload(payload, debian_tree.debian_xen_syms, tmp_path)
-    # The same payload for another hypervisor: upload must fail with -EINVAL (spec §1.6), which
-    # also shows that this harness sees a refusal as one.
-    wrong_id = _other_build_id(read_build_id(debian_tree.debian_xen_syms))
-    wrong = build_handmade_payload(debian_tree, tmp_path, "xsb_wrong_xen", "xsb-wrong",
-                                   xen_build_id=wrong_id)
-    dom0_path, wrong_path = f"/payload/{payload.name}", f"/payload/{wrong.name}"
-    script = (lifecycle_script(name, dom0_path, reapply=True)
-              .step("upload-wrong-xen", f"xen-livepatch upload xsb_wrong_xen {wrong_path}")
-              .step("list-final", "xen-livepatch list"))
-    result = xen_boot(script, {payload: dom0_path, wrong: wrong_path})
-    assert_lifecycle(result, name, new_string, reapply=True)
-    refused = result.step("upload-wrong-xen")
-    assert refused.rc == 1 and f"Error {xen_abi.EINVAL}" in refused.output, refused.output
-    assert any("build-id" in line for line in refused.xen_lines), refused.xen_lines
-    assert "Nothing to list" in result.step("list-final").output
-
-
 # --------------------------------------------------------------------------- xsbuild payload
 def _xsbuild(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "xsbuild", *args], capture_output=True,
                           text=True, check=False)
 
 
-def _missing_commands(*names: str) -> list[str]:
-    help_text = _xsbuild("--help").stdout
-    listed = help_text.split("Commands:", 1)[1] if "Commands:" in help_text else ""
-    return [n for n in names if not re.search(rf"^\s+{n}\s", listed, re.MULTILINE)]
+HANDMADE = ("xsb_handmade", "xsb-handmade")
+XSBUILD_MADE = ("xsb_extra_version", "xsbuild-e2e")
 
 
-def test_extra_version(debian_tree: DebianTree, xen_boot: BootFn, tmp_path: Path) -> None:
-    missing = _missing_commands("diff", "link", "check")
-    if missing:
-        pytest.skip(f"xsbuild has no {', '.join(missing)} command yet")
-    name, new_string = "xsb_extra_version", "xsbuild-e2e"
-    patched = recompile(debian_tree, VERSION_OBJ, patched_version_source(debian_tree, new_string),
-                        tmp_path / "patched" / "version.o")
-    diffed = tmp_path / "diff" / "version.o"
+def xsbuild_payload(tree: DebianTree, folder: Path, name: str, new_string: str) -> Path:
+    """``xsbuild diff``, ``link`` and ``check`` of a recompiled patched version.o."""
+    patched = recompile(tree, VERSION_OBJ, patched_version_source(tree, new_string),
+                        folder / "patched" / "version.o")
+    diffed = folder / "diff" / "version.o"
     diffed.parent.mkdir()
-    payload = tmp_path / f"{name}.livepatch"
-    xen_syms = str(debian_tree.debian_xen_syms)
-    for argv in (("diff", str(debian_tree.xen_dir / VERSION_OBJ), str(patched), "-o", str(diffed)),
+    payload = folder / f"{name}.livepatch"
+    xen_syms = str(tree.debian_xen_syms)
+    for argv in (("diff", str(tree.xen_dir / VERSION_OBJ), str(patched), "-o", str(diffed)),
                  ("link", str(diffed), "-o", str(payload), "--xen-syms", xen_syms),
                  ("check", str(payload), "--xen-syms", xen_syms)):
         proc = _xsbuild(*argv)
         assert proc.returncode == 0, f"xsbuild {argv[0]}: rc={proc.returncode}\n{proc.stderr}"
-    dom0_path = f"/payload/{payload.name}"
-    result = xen_boot(lifecycle_script(name, dom0_path, reapply=False), {payload: dom0_path})
-    assert_lifecycle(result, name, new_string, reapply=False)
+    return payload
+
+
+@pytest.fixture(scope="module")
+def lifecycle_boot(qemu_host: None, debian_tree: DebianTree,
+                   tmp_path_factory: pytest.TempPathFactory) -> BootResult:
+    """One boot (a boot costs a minute of TCG) for both payloads, one after the other: the
+    handmade one (applied twice), the same payload for another hypervisor (refused), then
+    xsbuild's."""
+    folder = tmp_path_factory.mktemp("extra-version")
+    handmade = build_handmade_payload(debian_tree, folder, *HANDMADE)
+    check_handmade_payload(handmade, debian_tree.debian_xen_syms, folder)
+    # The same payload for another hypervisor: upload must fail with -EINVAL (spec §1.6), which
+    # also shows that this harness sees a refusal as one.
+    wrong_id = _other_build_id(read_build_id(debian_tree.debian_xen_syms))
+    wrong = build_handmade_payload(debian_tree, folder, "xsb_wrong_xen", "xsb-wrong",
+                                   xen_build_id=wrong_id)
+    ours = xsbuild_payload(debian_tree, folder / "xsbuild", *XSBUILD_MADE)
+    paths = {p: f"/payload/{p.name}" for p in (handmade, wrong, ours)}
+    script = lifecycle_script(HANDMADE[0], paths[handmade], reapply=True, tag="hm-")
+    (script.step("upload-wrong-xen", f"xen-livepatch upload xsb_wrong_xen {paths[wrong]}")
+           .step("list-final", "xen-livepatch list"))
+    lifecycle_script(XSBUILD_MADE[0], paths[ours], reapply=False, tag="xv-", script=script)
+    result = boot(script, paths)
+    result.save(folder / "boot")
+    assert result.booted, f"dom0 did not finish its commands\n{result.describe()}"
+    return result
+
+
+def test_handmade_payload(lifecycle_boot: BootResult) -> None:
+    result = lifecycle_boot
+    assert_lifecycle(result, *HANDMADE, reapply=True, tag="hm-", also_busy=(XSBUILD_MADE[0],))
+    refused = result.step("upload-wrong-xen")
+    assert refused.rc == 1 and f"Error {xen_abi.EINVAL}" in refused.output, refused.output
+    assert any("build-id" in line for line in refused.xen_lines), refused.xen_lines
+    assert "Nothing to list" in result.step("list-final").output
+
+
+def test_extra_version(lifecycle_boot: BootResult) -> None:
+    assert_lifecycle(lifecycle_boot, *XSBUILD_MADE, reapply=False, tag="xv-",
+                     also_busy=(HANDMADE[0],))
