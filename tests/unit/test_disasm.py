@@ -39,3 +39,51 @@ def test_each_relocated_field_is_named_where_it_shows(tmp_path: Path) -> None:
     assert texts[1] == "call <helper>"
     assert texts[2] == "lea rdi, [rip + <str>]"
     assert texts[3] == "mov rax, <abs_sym>"
+
+
+# Each line's field layout is what makes it a test: the same bytes (0) stand in the displacement
+# and in the immediate, so only the decoder's field positions tell which operand a relocation is.
+CASES = """\
+.text
+.globl g
+.type g, @function
+g:
+    movl $imm_sym, 0(%rip)
+    movl $0, var(%rip)
+    movl $0, 0(%rip)
+    cmpb $imm8_sym, var(%rip)
+    call helper
+    jmp 1f
+1:  notrack jmp *%rax
+    notrack jmp *table(%rip)
+    xbegin abort_sym
+    loop 1b
+    leaq -16(%rip), %rdi
+    ret
+.size g, . - g
+"""
+
+
+def test_operands_are_named_by_field_position_not_by_text(tmp_path: Path) -> None:
+    if shutil.which("as") is None:
+        pytest.skip("binutils' as is not installed")
+    (tmp_path / "g.s").write_text(CASES)
+    run(["as", "--64", "-o", str(tmp_path / "g.o"), str(tmp_path / "g.s")])
+    elf = read_elf(tmp_path / "g.o")
+    g = next(s for s in elf.symbols if s.name == "g")
+    assert g.sec is not None
+    texts = [i.text for i in disassemble_relocatable(g.sec, g.value, g.size)]
+    assert texts == [
+        "mov dword ptr [rip], <imm_sym>",  # the immediate relocated, the displacement not
+        "mov dword ptr [rip + <var>], 0",  # the displacement relocated, the immediate not
+        "mov dword ptr [rip], 0",  # nothing relocated: capstone's text as it is
+        "cmp byte ptr [rip + <var>], <imm8_sym>",  # the immediate after the displacement
+        "call <helper>",
+        "jmp <g+0x2c>",  # a jmp rel8 inside the section, named after its function
+        "notrack jmp rax",
+        "notrack jmp qword ptr ds:[rip + <table>]",
+        "xbegin <abort_sym>",  # a relative branch with its field after a 2-byte opcode
+        "loop <g+0x2c>",  # in capstone's relative-branch group only
+        "lea rdi, [rip - 0x10]",  # an unrelocated negative displacement is left as printed
+        "ret",
+    ]
