@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from tests.support.toolchain import run
-from xsbuild.disasm import disassemble_relocatable
+from xsbuild.disasm import disassemble_linked, disassemble_relocatable
 from xsbuild.elf import read_elf
+from xsbuild.xensyms import XenSymbols
 
 ASM = """\
 .text
@@ -86,4 +87,54 @@ def test_operands_are_named_by_field_position_not_by_text(tmp_path: Path) -> Non
         "loop <g+0x2c>",  # in capstone's relative-branch group only
         "lea rdi, [rip - 0x10]",  # an unrelocated negative displacement is left as printed
         "ret",
+    ]
+
+
+STRINGS = """\
+.section .rodata.str1.1,"aMS",@progbits,1
+.LC0: .string "a\\\\b\\n"
+.text
+.globl h
+.type h, @function
+h:
+    leaq .LC0(%rip), %rdi
+    ret
+.size h, . - h
+"""
+
+
+def test_a_literal_label_keeps_its_escapes(tmp_path: Path) -> None:
+    """The label goes into the text as it is: a backslash or ``\\n`` in a string literal stays
+    escaped (regex substitution used to turn them back into the characters)."""
+    if shutil.which("as") is None:
+        pytest.skip("binutils' as is not installed")
+    (tmp_path / "h.s").write_text(STRINGS)
+    run(["as", "--64", "-o", str(tmp_path / "h.o"), str(tmp_path / "h.s")])
+    elf = read_elf(tmp_path / "h.o")
+    h = next(s for s in elf.symbols if s.name == "h")
+    assert h.sec is not None
+    texts = [i.text for i in disassemble_relocatable(h.sec, h.value, h.size)]
+    assert texts[0] == 'lea rdi, [rip + <.rodata.str1.1+0x0 "a\\\\b\\n">]'
+
+
+def test_linked_code_reads_as_wide_as_its_memory_operand() -> None:
+    """In hypervisor code an unnamed RIP-relative place shows its value at the width capstone
+    gives the memory operand, its string for ``lea``, and its address when it is neither."""
+    text_at, data_at = 0x1000, 0x2000
+    data = (0x11223344).to_bytes(4, "little") + b"hi\0"
+    code = b"".join([
+        bytes.fromhex("0fb605") + (data_at - (text_at + 7)).to_bytes(4, "little", signed=True),
+        bytes.fromhex("8b05") + (data_at - (text_at + 13)).to_bytes(4, "little", signed=True),
+        bytes.fromhex("488d3d") + (data_at + 4 - (text_at + 20)).to_bytes(4, "little",
+                                                                          signed=True),
+        bytes.fromhex("0f2805") + (data_at - (text_at + 27)).to_bytes(4, "little", signed=True),
+    ])
+    xs = XenSymbols("xen-syms", b"", {}, [(text_at, code)],
+                    ((".rodata", data_at, memoryview(data)),))
+    texts = [i.text for i in disassemble_linked(code, text_at, xs)]
+    assert texts == [
+        "movzx eax, byte ptr [rip + <.rodata+0x0 = 0x44>]",
+        "mov eax, dword ptr [rip + <.rodata+0x0 = 0x11223344>]",
+        'lea rdi, [rip + <.rodata+0x4 "hi">]',
+        "movaps xmm0, xmmword ptr [rip + 0xfe5]  # 0x2000",  # 16 bytes: not a constant shown
     ]
