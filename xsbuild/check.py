@@ -23,7 +23,23 @@ from enum import StrEnum
 from typing import Any
 
 from xsbuild import xen_abi
-from xsbuild.elfraw import RawSection
+from xsbuild.elfraw import (
+    SHF_ALLOC,
+    SHF_EXECINSTR,
+    SHF_MERGE,
+    SHF_WRITE,
+    SHN_ABS,
+    SHN_COMMON,
+    SHN_LORESERVE,
+    SHN_UNDEF,
+    SHT_NOBITS,
+    SHT_REL,
+    SHT_RELA,
+    SHT_STRTAB,
+    SHT_SYMTAB,
+    RawSection,
+    cstring,
+)
 from xsbuild.xen_versions import UNKNOWN_TARGET, Rule, Target
 from xsbuild.xensyms import XenSymbols, parse_build_id_note
 
@@ -134,11 +150,6 @@ class _Sym:
     size: int
 
 
-_SHF_WRITE, _SHF_ALLOC, _SHF_EXEC, _SHF_MERGE = 1, 2, 4, 0x10
-_SHT_SYMTAB, _SHT_STRTAB, _SHT_RELA, _SHT_NOBITS, _SHT_REL = 2, 3, 4, 8, 9
-_SHN_UNDEF, _SHN_LORESERVE, _SHN_ABS, _SHN_COMMON = 0, 0xFF00, 0xFFF1, 0xFFF2
-
-
 class _Checker:
     def __init__(self, data: bytes, xs: XenSymbols | None, loaded: list[PayloadInfo],
                  target: Target, xen_build_id: bytes | None) -> None:
@@ -198,8 +209,8 @@ class _Checker:
             self.stop(xen_abi.EINVAL, "not an ELF file (bad magic or shorter than a header)")
         if d[4] != 2 or d[5] != 1:
             self.stop(xen_abi.EOPNOTSUPP, "not ELF64 little-endian")
-        (e_type, e_machine, e_version, _entry, _phoff, e_shoff, _flags, _ehsize, _phentsize,
-         e_phnum, e_shentsize, e_shnum, e_shstrndx) = struct.unpack_from("<HHIQQQIHHHHHH", d, 16)
+        (_ident, e_type, e_machine, e_version, _entry, _phoff, e_shoff, _flags, _ehsize,
+         _phentsize, e_phnum, e_shentsize, e_shnum, e_shstrndx) = xen_abi.ELF64_EHDR.unpack(d)
         if e_machine != xen_abi.ELF_MACHINE_X86_64:
             self.stop(xen_abi.EOPNOTSUPP, f"e_machine {e_machine} is not x86-64")
         if e_version != 1 or d[6] != 1:
@@ -229,7 +240,8 @@ class _Checker:
         raw = []
         for i in range(self.e_shnum):
             off = self.e_shoff + i * self.e_shentsize
-            raw.append(struct.unpack_from("<IIQQQQIIQQ", self.data, off))
+            # e_shentsize may exceed the Elf64_Shdr size (Xen allows it): read each at its stride
+            raw.append(xen_abi.ELF64_SHDR.unpack(self.data, off))
         for i, (_name, stype, flags, addr, offset, size, link, info, align, ent) in \
                 enumerate(raw):
             if i == 0:
@@ -237,19 +249,19 @@ class _Checker:
                 continue
             if offset < xen_abi.ELF64_EHDR_SIZE:
                 self.stop(xen_abi.EINVAL, f"section {i} has sh_offset {offset} (< 64)")
-            if stype != _SHT_NOBITS and offset + size > len(self.data):
+            if stype != SHT_NOBITS and offset + size > len(self.data):
                 self.stop(xen_abi.EINVAL, f"section {i} extends past the end of the file")
             if align and align & (align - 1):
                 self.stop(xen_abi.EOPNOTSUPP, f"section {i} alignment {align} is not a power "
                           "of two")
             if align and addr % align:
                 self.stop(xen_abi.EINVAL, f"section {i} sh_addr not aligned")
-            if stype == _SHT_NOBITS and flags & (_SHF_WRITE | _SHF_ALLOC) and \
+            if stype == SHT_NOBITS and flags & (SHF_WRITE | SHF_ALLOC) and \
                     size > xen_abi.LIVEPATCH_MAX_SIZE:
                 self.stop(xen_abi.EINVAL, f"NOBITS section {i} larger than 2 MiB")
             self.shdrs.append(RawSection(i, "", stype, flags, addr, offset, size, link, info, align,
                                     ent))
-        symtabs = [s for s in self.shdrs if s.type == _SHT_SYMTAB]
+        symtabs = [s for s in self.shdrs if s.type == SHT_SYMTAB]
         if len(symtabs) > 1:
             self.stop(xen_abi.EOPNOTSUPP, "more than one symbol table")
         if not symtabs:
@@ -266,22 +278,22 @@ class _Checker:
         for (name, *_rest), sh in zip(raw[1:], self.shdrs[1:], strict=True):
             if name >= len(shstr):
                 self.stop(xen_abi.EINVAL, f"section {sh.index} name out of range")
-            self.shdrs[sh.index] = dataclasses.replace(sh, name=_cstr(shstr, name))
+            self.shdrs[sh.index] = dataclasses.replace(sh, name=cstring(shstr, name))
 
     def _strtab(self, sh: RawSection, what: str) -> bytes:
         body = self.data[sh.offset:sh.offset + sh.size]
-        if sh.type != _SHT_STRTAB or not body or body[0] != 0 or body[-1] != 0:
+        if sh.type != SHT_STRTAB or not body or body[0] != 0 or body[-1] != 0:
             self.stop(xen_abi.EINVAL, f"{what} is not a NUL-delimited SHT_STRTAB")
         return body
 
     def read_symbols(self) -> None:
         sh = self.shdrs[self.symtab_index]
         for i in range(sh.size // sh.entsize):
-            st_name, st_info, _o, st_shndx, st_value, st_size = struct.unpack_from(
-                "<IBBHQQ", self.data, sh.offset + i * sh.entsize)
+            st_name, st_info, _o, st_shndx, st_value, st_size = xen_abi.ELF64_SYM.unpack(
+                self.data, sh.offset + i * sh.entsize)
             if st_name >= len(self.strtab):
                 self.stop(xen_abi.EINVAL, f"symbol {i} name out of range")
-            self.syms.append(_Sym(_cstr(self.strtab, st_name), st_info, st_shndx, st_value,
+            self.syms.append(_Sym(cstring(self.strtab, st_name), st_info, st_shndx, st_value,
                                   st_size))
 
     # -- §1.3 ----------------------------------------------------------------------------------
@@ -289,7 +301,7 @@ class _Checker:
         for sh in self.shdrs[1:]:
             if not sh.is_alloc:
                 continue
-            if sh.flags & _SHF_WRITE and sh.flags & _SHF_EXEC:
+            if sh.flags & SHF_WRITE and sh.flags & SHF_EXECINSTR:
                 self.fail(xen_abi.EOPNOTSUPP, f"section {sh.name} is both writable and "
                           "executable")
             if sh.addralign == 0:
@@ -309,9 +321,9 @@ class _Checker:
 
     def check_symbols(self) -> None:
         for i, s in enumerate(self.syms[1:], 1):
-            if s.shndx == _SHN_COMMON:
+            if s.shndx == SHN_COMMON:
                 self.fail(xen_abi.EINVAL, f"common symbol {s.name} (compile with -fno-common)")
-            elif s.shndx == _SHN_UNDEF:
+            elif s.shndx == SHN_UNDEF:
                 if not s.name:
                     continue
                 self.info.undefined_symbols.append(s.name)
@@ -319,21 +331,21 @@ class _Checker:
                     self.fail(xen_abi.ENOENT, f"unknown symbol {s.name}: not in the "
                               "hypervisor's table" + (" nor in a loaded payload"
                                                       if self.loaded else ""))
-            elif s.shndx >= _SHN_LORESERVE and s.shndx != _SHN_ABS:
+            elif s.shndx >= SHN_LORESERVE and s.shndx != SHN_ABS:
                 self.fail(xen_abi.EOPNOTSUPP, f"symbol {i} ({s.name}) has reserved section "
                           f"index {s.shndx:#x}")
-            elif s.shndx < _SHN_LORESERVE and s.shndx >= self.e_shnum:
+            elif s.shndx < SHN_LORESERVE and s.shndx >= self.e_shnum:
                 self.fail(xen_abi.EINVAL, f"symbol {s.name} in section {s.shndx} out of range")
 
     # -- §1.8 ----------------------------------------------------------------------------------
     def check_relocations(self) -> None:
         for sh in self.shdrs[1:]:
-            if sh.type not in (_SHT_RELA, _SHT_REL):
+            if sh.type not in (SHT_RELA, SHT_REL):
                 continue
             if sh.info >= self.e_shnum or not self.shdrs[sh.info].is_alloc or not sh.size:
                 continue
             target = self.shdrs[sh.info]
-            if sh.type == _SHT_REL:
+            if sh.type == SHT_REL:
                 self.fail(xen_abi.EOPNOTSUPP, f"{sh.name}: SHT_REL relocations are not "
                           "supported")
                 continue
@@ -344,8 +356,8 @@ class _Checker:
                 self.fail(xen_abi.EINVAL, f"{sh.name}: bad entry size")
                 continue
             for k in range(sh.size // sh.entsize):
-                r_offset, r_info, r_addend = struct.unpack_from(
-                    "<QQq", self.data, sh.offset + k * sh.entsize)
+                r_offset, r_info, r_addend = xen_abi.ELF64_RELA.unpack(
+                    self.data, sh.offset + k * sh.entsize)
                 self._check_reloc(sh, target, r_offset, r_info >> 32, r_info & 0xFFFFFFFF,
                                   r_addend)
 
@@ -363,7 +375,7 @@ class _Checker:
             self.fail(xen_abi.EOPNOTSUPP, f"{where}: unhandled relocation type "
                       f"{xen_abi.reloc_type_name(rtype)} against {sym.name or 'a section'}")
             return
-        if 0 < sym.shndx < _SHN_LORESERVE and sym.shndx < self.e_shnum and \
+        if 0 < sym.shndx < SHN_LORESERVE and sym.shndx < self.e_shnum and \
                 not self.shdrs[sym.shndx].is_alloc:
             self.fail(xen_abi.EINVAL, f"{where}: relocation against {sym.name or 'section'} in "
                       "a section that is not loaded")
@@ -372,8 +384,8 @@ class _Checker:
             self.fail(xen_abi.EINVAL, f"{where}: relocation past the end of {target.name}")
             return
         if xen_abi.is_pc_relative(rtype) and self.xs is not None \
-                and sym.shndx in (_SHN_UNDEF, _SHN_ABS):
-            addr = self._resolve(sym.name) if sym.shndx == _SHN_UNDEF else sym.value
+                and sym.shndx in (SHN_UNDEF, SHN_ABS):
+            addr = self._resolve(sym.name) if sym.shndx == SHN_UNDEF else sym.value
             base = self._payload_base()
             if addr > 1 and base and not -(2**31) <= addr + addend - base < 2**31:
                 self.fail(xen_abi.EOVERFLOW, f"{where}: PC32 to {sym.name} out of reach of the "
@@ -388,7 +400,7 @@ class _Checker:
         return next((s for s in self.shdrs[1:] if s.name == name), None)
 
     def body(self, sh: RawSection) -> bytes:
-        return b"" if sh.type == _SHT_NOBITS else self.data[sh.offset:sh.offset + sh.size]
+        return b"" if sh.type == SHT_NOBITS else self.data[sh.offset:sh.offset + sh.size]
 
     def check_notes(self) -> None:
         for name, attr in ((xen_abi.SEC_DEPENDS, "depends"),
@@ -440,16 +452,16 @@ class _Checker:
     def _relocs_of(self, target: RawSection) -> dict[int, tuple[_Sym, int, int]]:
         out: dict[int, tuple[_Sym, int, int]] = {}
         for sh in self.shdrs[1:]:
-            if sh.type == _SHT_RELA and sh.info == target.index and sh.entsize:
+            if sh.type == SHT_RELA and sh.info == target.index and sh.entsize:
                 for k in range(sh.size // sh.entsize):
-                    r_offset, r_info, r_addend = struct.unpack_from(
-                        "<QQq", self.data, sh.offset + k * sh.entsize)
+                    r_offset, r_info, r_addend = xen_abi.ELF64_RELA.unpack(
+                        self.data, sh.offset + k * sh.entsize)
                     if (r_info >> 32) < len(self.syms):
                         out[r_offset] = (self.syms[r_info >> 32], r_info & 0xFFFFFFFF, r_addend)
         return out
 
     def _string_at(self, sym: _Sym, addend: int) -> str:
-        if sym.shndx == _SHN_UNDEF or sym.shndx >= len(self.shdrs):
+        if sym.shndx == SHN_UNDEF or sym.shndx >= len(self.shdrs):
             return ""
         body = self.body(self.shdrs[sym.shndx])
         start = sym.value + addend
@@ -475,7 +487,7 @@ class _Checker:
             name = self._string_at(name_rel[0], name_rel[2]) if name_rel else ""
             new_sym = new_rel[0].name if new_rel else ""
             label = name or f"entry {off // xen_abi.FUNC_SIZE}"
-            if old_rel is not None and old_rel[0].shndx == _SHN_UNDEF:
+            if old_rel is not None and old_rel[0].shndx == SHN_UNDEF:
                 old_addr = self._resolve(old_rel[0].name) + old_rel[2]
             # old_addr 0: Xen looks the name up at load (spec §1.5 step 2).
             by_name = (self.xs.lookup(name) if not old_addr and old_rel is None
@@ -602,7 +614,7 @@ class _Checker:
     def check_funcs_writable(self) -> None:
         """4.17.1, 4.17.2, 4.18.0 write into .livepatch.funcs at APPLY with CR0.WP set."""
         sh = self.section(xen_abi.SEC_FUNCS)
-        if sh is None or not sh.size or sh.flags & _SHF_WRITE:
+        if sh is None or not sh.size or sh.flags & SHF_WRITE:
             return
         if self.target.has(Rule.FUNCS_WRITTEN_AT_APPLY):
             self.fail(xen_abi.EINVAL, f"{sh.name} is read-only: {self._xen()} writes into it "
@@ -641,7 +653,7 @@ class _Checker:
             return False
         sh = self.shdrs[sym.shndx]
         start = sym.value + addend
-        return bool(sh.flags & _SHF_EXEC) and sh.is_alloc and start >= 0 and \
+        return bool(sh.flags & SHF_EXECINSTR) and sh.is_alloc and start >= 0 and \
             start + length <= sh.size
 
     # -- build-ids and new symbols (§1.6, §1.7) ------------------------------------------------
@@ -658,7 +670,7 @@ class _Checker:
             if not s.name or not 0 < s.shndx < self.e_shnum:
                 continue
             sh = self.shdrs[s.shndx]
-            if not sh.is_alloc or (s.name.startswith(".L") and sh.flags & _SHF_MERGE):
+            if not sh.is_alloc or (s.name.startswith(".L") and sh.flags & SHF_MERGE):
                 continue
             if (s.info & 0xF) == 3:  # section symbols have no name in practice
                 continue
@@ -672,10 +684,5 @@ class _Checker:
                           "it")
 
     def safe_to_reapply(self) -> bool:
-        writable = [s for s in self.shdrs[1:] if s.is_alloc and s.flags & _SHF_WRITE and s.size]
+        writable = [s for s in self.shdrs[1:] if s.is_alloc and s.flags & SHF_WRITE and s.size]
         return not writable or (len(writable) == 1 and writable[0].name == xen_abi.SEC_FUNCS)
-
-
-def _cstr(table: bytes, offset: int) -> str:
-    end = table.find(b"\0", offset)
-    return table[offset:end if end >= 0 else len(table)].decode("utf-8", "replace")

@@ -19,7 +19,6 @@ computed per instruction, after decoding it.
 from __future__ import annotations
 
 import difflib
-import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from itertools import zip_longest
@@ -31,9 +30,6 @@ from xsbuild.xensyms import XenSymbols
 # How a relocation's symbol is printed: payloads keep their (Xen) names, objects plain names.
 Namer = Callable[[Symbol], str]
 
-_IMMEDIATE = re.compile(r"-?(0x[0-9a-f]+|\d+)")
-_RIP = re.compile(r"rip(?: ([+-]) (0x[0-9a-f]+|\d+))?")
-_TRAILING_IMMEDIATE = re.compile(r"(^|, )(0x0|0)$")
 _MAX_STRING = 48  # characters of a string literal shown in an operand
 
 
@@ -106,79 +102,114 @@ def string_of(reloc: Reloc, pc_adjust: int) -> str | None:
 # --------------------------------------------------------------------------------------------
 # Decoding
 
-
-def _decode(code: bytes, base: int) -> Iterator[tuple[int, int, str, str]]:
-    """(address, size, mnemonic, operands); an undecodable byte becomes ``.byte`` and decoding
-    resumes after it (data in text, a truncated tail)."""
-    md = disassembler()
-    pos = 0
-    while pos < len(code):
-        progressed = False
-        for addr, size, mnemonic, ops in md.disasm_lite(code[pos:], base + pos):
-            yield addr, size, mnemonic, ops
-            pos = addr + size - base
-            progressed = True
-        if not progressed:
-            yield base + pos, 1, ".byte", f"{code[pos]:#04x}"
-            pos += 1
+_ADDRESS_MASK = 2**64 - 1  # capstone prints branch targets unsigned, its operand is signed
+_HEX_THRESHOLD = 9  # capstone prints numbers above 9 in hex, the others in decimal
+_LOADED_WIDTHS = (1, 2, 4, 8)  # accesses whose value xen_literal shows as a constant
 
 
-def _decode_detail(code: bytes, base: int) -> Iterator[tuple[int, int, str, str, _Fields]]:
-    """As :func:`_decode`, with each instruction's field positions (detail mode)."""
+@dataclass(frozen=True, slots=True)
+class _Decoded:
+    """One instruction with what capstone's detail mode says about its operands; the text is
+    capstone's, only ever edited where a known operand renders."""
+
+    address: int
+    size: int
+    mnemonic: str
+    ops: str
+    branch: bool = False  # a jump, call or relative branch (capstone's instruction groups)
+    target: int | None = None  # the immediate operand of a branch: where it goes
+    rip_disp: int | None = None  # the displacement of a RIP-relative memory operand
+    disp_offset: int = 0  # where the displacement is encoded (bytes into the instruction)
+    width: int = 0  # bytes a non-``lea`` memory operand accesses (0: none, or ``lea``)
+    imm_offset: int = 0  # where the immediate is encoded (0: none)
+    imm_zero_last: bool = False  # the encoded immediate is the last operand and holds 0
+
+    def text(self) -> str:
+        return _join(self.mnemonic, self.ops)
+
+
+def _decode(code: bytes, base: int) -> Iterator[_Decoded]:
+    """The instructions of ``code`` (which sits at ``base``); an undecodable byte becomes
+    ``.byte`` and decoding resumes after it (data in text, a truncated tail)."""
     md = disassembler(detail=True)
     pos = 0
     while pos < len(code):
         progressed = False
         for insn in md.disasm(code[pos:], base + pos):
-            yield (insn.address, insn.size, insn.mnemonic, insn.op_str,
-                   _Fields(insn.disp_offset, insn.disp_size, insn.imm_offset, insn.imm_size,
-                           insn.disp))
+            yield _describe(insn)
             pos = insn.address + insn.size - base
             progressed = True
         if not progressed:
-            yield base + pos, 1, ".byte", f"{code[pos]:#04x}", _Fields(0, 0, 0, 0)
+            yield _Decoded(base + pos, 1, ".byte", f"{code[pos]:#04x}")
             pos += 1
 
 
-def _is_branch(mnemonic: str) -> bool:
-    op = mnemonic.split()[-1]  # "notrack jmp", "bnd jmp"
-    return op in ("call", "jmp", "xbegin", "jrcxz", "jecxz") or op.startswith(("j", "loop"))
+def _describe(insn) -> _Decoded:  # type: ignore[no-untyped-def]
+    """Read a capstone instruction's operands (detail mode) into a :class:`_Decoded`."""
+    from capstone import x86_const as x86  # capstone is loaded only by commands that decode
+
+    groups = set(insn.groups)
+    branch = bool(groups & {x86.X86_GRP_JUMP, x86.X86_GRP_CALL, x86.X86_GRP_BRANCH_RELATIVE})
+    ops = list(insn.operands)
+    target = ops[0].imm if branch and len(ops) == 1 and ops[0].type == x86.X86_OP_IMM else None
+    mem = next((op for op in ops if op.type == x86.X86_OP_MEM), None)
+    rip = mem is not None and mem.mem.base == x86.X86_REG_RIP and insn.disp_size > 0
+    # The encoded immediate is the last immediate operand (``enter`` has two, capstone places
+    # the field at the second); only a last operand renders at the end of the text.
+    imms = [i for i, op in enumerate(ops) if op.type == x86.X86_OP_IMM]
+    imm_zero_last = (insn.imm_size > 0 and bool(imms) and imms[-1] == len(ops) - 1
+                     and ops[-1].imm == 0)
+    return _Decoded(
+        insn.address, insn.size, insn.mnemonic, insn.op_str, branch=branch, target=target,
+        rip_disp=mem.mem.disp if rip else None,
+        disp_offset=insn.disp_offset if insn.disp_size else 0,
+        width=mem.size if mem is not None and insn.id != x86.X86_INS_LEA else 0,
+        imm_offset=insn.imm_offset if insn.imm_size else 0, imm_zero_last=imm_zero_last)
 
 
 def _join(mnemonic: str, ops: str) -> str:
     return f"{mnemonic} {ops}" if ops else mnemonic
 
 
-@dataclass(frozen=True, slots=True)
-class _Fields:
-    """Where capstone's detail mode puts an instruction's displacement and immediate (offsets
-    from the instruction's first byte; 0 when it has none)."""
-
-    disp_offset: int
-    disp_size: int
-    imm_offset: int
-    imm_size: int
-    disp: int = 0  # the displacement's value
-
-    def is_disp(self, at: int) -> bool:
-        return bool(self.disp_size) and at == self.disp_offset
-
-    def is_imm(self, at: int) -> bool:
-        return bool(self.imm_size) and at == self.imm_offset
+def _number(value: int) -> str:
+    """A non-negative number as capstone's Intel syntax prints it."""
+    return f"{value:#x}" if value > _HEX_THRESHOLD else str(value)
 
 
-def _symbolise(mnemonic: str, ops: str, label: str, field: int,
-               fields: _Fields) -> tuple[str, str]:
+def _rip_operand(disp: int) -> str:
+    """The end of a RIP-relative memory operand as capstone prints it: ``rip]``,
+    ``rip + 0x10]``, ``rip - 8]``."""
+    if disp == 0:
+        return "rip]"
+    return f"rip + {_number(disp)}]" if disp > 0 else f"rip - {_number(-disp)}]"
+
+
+def _name_rip(ops: str, disp: int, label: str) -> str | None:
+    """``ops`` with its RIP-relative operand pointing at ``<label>``; None if the operand does
+    not render as capstone prints it (the caller then shows the label as a comment)."""
+    shown = _rip_operand(disp)
+    return ops.replace(shown, f"rip + <{label}>]", 1) if shown in ops else None
+
+
+def _symbolise(insn: _Decoded, ops: str, label: str, field: int,
+               named: set[int]) -> tuple[str, str]:
     """Put ``<label>`` where the relocated field (``field`` bytes into the instruction) shows in
-    the operands; returns the operands and a comment (for a field the operands do not show, e.g.
-    an absolute displacement).  Which operand the field is comes from the decoder, not from the
-    text."""
-    if fields.is_imm(field) and _is_branch(mnemonic) and _IMMEDIATE.fullmatch(ops):
+    the operands ``ops`` (capstone's, with the fields in ``named`` already replaced); returns the
+    operands and a comment (for a field the operands do not show, e.g. an absolute
+    displacement).  Which operand the field is comes from the decoder, not from the text."""
+    if field in named:
+        return ops, f"<{label}>"
+    if field == insn.imm_offset and insn.target is not None:
+        named.add(field)
         return f"<{label}>", ""
-    if fields.is_disp(field) and _RIP.search(ops):
-        return _RIP.sub(f"rip + <{label}>", ops, count=1), ""
-    if fields.is_imm(field) and not _is_branch(mnemonic) and _TRAILING_IMMEDIATE.search(ops):
-        return _TRAILING_IMMEDIATE.sub(rf"\g<1><{label}>", ops, count=1), ""
+    if field == insn.disp_offset and insn.rip_disp is not None:
+        shown = _name_rip(ops, insn.rip_disp, label)
+        if shown is not None:
+            named.add(field)
+            return shown, ""
+    if field == insn.imm_offset and not insn.branch and insn.imm_zero_last:
+        named.add(field)
+        return ops.removesuffix("0") + f"<{label}>", ""
     return ops, f"<{label}>"
 
 
@@ -201,17 +232,19 @@ def disassemble_relocatable(sec: Section, start: int, size: int,
     code = bytes(sec.data[start:start + size])
     relocs = [r for r in sec.relocs if start <= r.offset < start + size]
     out = []
-    for addr, length, mnemonic, ops, fields in _decode_detail(code, start):
+    for insn in _decode(code, start):
+        addr, length, ops = insn.address, insn.size, insn.ops
         mine = [r for r in relocs if addr <= r.offset < addr + length]
         comments = []
+        named: set[int] = set()
         for r in mine:
             pc = r.type in PC_RELATIVE
             label = reloc_label(r, addr + length - r.offset if pc else 0, name_of)
-            ops, comment = _symbolise(mnemonic, ops, label, r.offset - addr, fields)
+            ops, comment = _symbolise(insn, ops, label, r.offset - addr, named)
             comments += [comment] if comment else []
-        if not mine and _is_branch(mnemonic) and _IMMEDIATE.fullmatch(ops):
-            ops = _local_branch(sec, int(ops, 0), name_of) or ops
-        text = _join(mnemonic, ops) + "".join(f"  # {c}" for c in comments)
+        if not mine and insn.target is not None:
+            ops = _local_branch(sec, insn.target & _ADDRESS_MASK, name_of) or ops
+        text = _join(insn.mnemonic, ops) + "".join(f"  # {c}" for c in comments)
         out.append(Instruction(addr - start, addr,
                                code[addr - start:addr - start + length], text))
     return out
@@ -244,22 +277,17 @@ def xen_label(xs: XenSymbols, addr: int) -> str | None:
     return with_offset(sym.name, addr - sym.addr) if sym is not None else None
 
 
-_PTR_SIZE = re.compile(r"\b(byte|word|dword|qword) ptr")
-_PTR_BYTES = {"byte": 1, "word": 2, "dword": 4, "qword": 8}
-
-
-def xen_literal(xs: XenSymbols, addr: int, mnemonic: str, ops: str) -> str | None:
+def xen_literal(xs: XenSymbols, addr: int, width: int) -> str | None:
     """What hypervisor code reads at an unnamed ``addr`` in a data section, shown as the
     payload side shows it: ``.rodata+0x10 "text"`` for a string whose address is taken,
-    ``.rodata+0x20 = 0x2a`` for a constant loaded (its value in xen-syms); None otherwise."""
+    ``.rodata+0x20 = 0x2a`` for a constant loaded (its value in xen-syms, ``width`` bytes: the
+    memory operand's size, 0 for ``lea``); None otherwise."""
     place = xs.data_at(addr)
     if place is None:
         return None
     name, offset, body = place
     where = f"{name}+{offset:#x}"
-    size = _PTR_SIZE.search(ops)
-    if mnemonic != "lea" and size:
-        width = _PTR_BYTES[size.group(1)]
+    if width in _LOADED_WIDTHS:
         if len(body) >= width:
             return f"{where} = {int.from_bytes(body[:width], 'little'):#x}"
         return None
@@ -272,24 +300,24 @@ def xen_literal(xs: XenSymbols, addr: int, mnemonic: str, ops: str) -> str | Non
 
 def disassemble_linked(code: bytes, addr: int, xs: XenSymbols) -> list[Instruction]:
     """Instructions of hypervisor code at ``addr``, targets named from ``xs``."""
-    out = []
-    for at, length, mnemonic, ops, fields in _decode_detail(code, addr):
-        text = _join(mnemonic, ops)
-        if _is_branch(mnemonic) and _IMMEDIATE.fullmatch(ops):
-            label = xen_label(xs, int(ops, 0) & (2**64 - 1))
-            if label:
-                text = f"{mnemonic} <{label}>"
-        elif fields.disp_size and _RIP.search(ops):
-            target = at + length + fields.disp  # the decoder's displacement, signed
-            label = xen_label(xs, target)
-            if label:
-                text = _join(mnemonic, _RIP.sub(f"rip + <{label}>", ops, count=1))
-            else:  # an unnamed place: the literal or constant there, else its address
-                label = xen_literal(xs, target, mnemonic, ops)
-                text = (_join(mnemonic, _RIP.sub(f"rip + <{label}>", ops, count=1))
-                        if label else text + f"  # {target:#x}")
-        out.append(Instruction(at - addr, at, code[at - addr:at - addr + length], text))
-    return out
+    return [Instruction(insn.address - addr, insn.address,
+                        code[insn.address - addr:insn.address - addr + insn.size],
+                        _linked_text(insn, xs))
+            for insn in _decode(code, addr)]
+
+
+def _linked_text(insn: _Decoded, xs: XenSymbols) -> str:
+    """An instruction of hypervisor code with its branch target or RIP-relative operand named;
+    an unnamed RIP-relative place shows the literal or constant there, else its address."""
+    if insn.target is not None:
+        label = xen_label(xs, insn.target & _ADDRESS_MASK)
+        return f"{insn.mnemonic} <{label}>" if label else insn.text()
+    if insn.rip_disp is None:
+        return insn.text()
+    target = insn.address + insn.size + insn.rip_disp
+    label = xen_label(xs, target) or xen_literal(xs, target, insn.width)
+    shown = _name_rip(insn.ops, insn.rip_disp, label) if label else None
+    return _join(insn.mnemonic, shown) if shown is not None else insn.text() + f"  # {target:#x}"
 
 
 # --------------------------------------------------------------------------------------------

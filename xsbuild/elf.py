@@ -24,18 +24,39 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from xsbuild import xen_abi
-from xsbuild.elfraw import RawElf, RawSection, RawSymbol, read_raw
+from xsbuild.elfraw import (  # noqa: F401  (the gABI numbers are part of this module's API)
+    SHF_ALLOC,
+    SHF_EXECINSTR,
+    SHF_GROUP,
+    SHF_INFO_LINK,
+    SHF_MERGE,
+    SHF_STRINGS,
+    SHF_WRITE,
+    SHN_ABS,
+    SHN_COMMON,
+    SHN_LORESERVE,
+    SHN_UNDEF,
+    SHN_XINDEX,
+    SHT_GROUP,
+    SHT_NOBITS,
+    SHT_NOTE,
+    SHT_NULL,
+    SHT_PROGBITS,
+    SHT_REL,
+    SHT_RELA,
+    SHT_STRTAB,
+    SHT_SYMTAB,
+    RawElf,
+    RawSection,
+    RawSymbol,
+    read_raw,
+)
 from xsbuild.errors import ElfParseError
 
 # gABI constants (System V ABI, "Object Files" chapter)
-SHT_NULL, SHT_PROGBITS, SHT_SYMTAB, SHT_STRTAB, SHT_RELA = 0, 1, 2, 3, 4
-SHT_NOTE, SHT_NOBITS, SHT_REL, SHT_GROUP = 7, 8, 9, 17
-SHF_WRITE, SHF_ALLOC, SHF_EXECINSTR = 0x1, 0x2, 0x4
-SHF_MERGE, SHF_STRINGS, SHF_INFO_LINK, SHF_GROUP = 0x10, 0x20, 0x40, 0x200
 STT_NOTYPE, STT_OBJECT, STT_FUNC, STT_SECTION, STT_FILE = 0, 1, 2, 3, 4
 STT_COMMON, STT_TLS, STT_GNU_IFUNC = 5, 6, 10
 STB_LOCAL, STB_GLOBAL, STB_WEAK, STB_GNU_UNIQUE = 0, 1, 2, 10
-SHN_UNDEF, SHN_LORESERVE, SHN_ABS, SHN_COMMON, SHN_XINDEX = 0, 0xFF00, 0xFFF1, 0xFFF2, 0xFFFF
 ET_REL = 1
 _MAX_NOBITS = 1 << 30  # a larger .bss is a corrupt header, not a hypervisor object
 
@@ -210,8 +231,8 @@ def check_elf_header(label: str, data: bytes) -> int:
 
 def _check_extent(label: str, data: bytes) -> None:
     """The section header table and every section's bytes lie inside the file."""
-    shoff, = struct.unpack_from("<Q", data, 0x28)
-    shentsize, shnum = struct.unpack_from("<HH", data, 0x3A)
+    ehdr = xen_abi.ELF64_EHDR.unpack(data)
+    shoff, shentsize, shnum = ehdr.e_shoff, ehdr.e_shentsize, ehdr.e_shnum
     if shnum >= xen_abi.MAX_SECTIONS:
         return  # Xen's loader refuses that many sections first (-EOPNOTSUPP): a rule, not input
     if shnum and shentsize < xen_abi.ELF64_SHDR_SIZE:
@@ -221,11 +242,10 @@ def _check_extent(label: str, data: bytes) -> None:
         raise ElfParseError(f"{label}: truncated: its section headers end at byte {end}, the "
                             f"file has {len(data)}")
     for i in range(shnum):
-        sh_type, = struct.unpack_from("<I", data, shoff + i * shentsize + 4)
-        offset, size = struct.unpack_from("<QQ", data, shoff + i * shentsize + 0x18)
-        if sh_type != SHT_NOBITS and offset + size > len(data):
-            raise ElfParseError(f"{label}: truncated: section {i} ends at byte {offset + size}, "
-                                f"the file has {len(data)}")
+        sh = xen_abi.ELF64_SHDR.unpack(data, shoff + i * shentsize)
+        if sh.sh_type != SHT_NOBITS and sh.sh_offset + sh.sh_size > len(data):
+            raise ElfParseError(f"{label}: truncated: section {i} ends at byte "
+                                f"{sh.sh_offset + sh.sh_size}, the file has {len(data)}")
 
 
 def read_elf(path: str | os.PathLike[str], data: bytes | None = None) -> Elf:
@@ -427,8 +447,8 @@ def _symtab_bytes(ordered: list[Symbol], sec_index: dict[Section, int],
             shndx = sec_index[s.sec]
         else:
             shndx = s.shndx
-        symtab += struct.pack("<IBBHQQ", strtab.add(s.name), (s.bind << 4) | s.type, s.other,
-                              shndx, s.value, s.size)
+        symtab += xen_abi.ELF64_SYM.struct.pack(strtab.add(s.name), (s.bind << 4) | s.type,
+                                                s.other, shndx, s.value, s.size)
     return bytes(symtab)
 
 
@@ -439,7 +459,8 @@ def _rela(sec: Section, sym_index: dict[Symbol, int], target: int,
         if r.sym not in sym_index:
             raise ValueError(f"relocation in {sec.name} refers to a symbol not in the object: "
                              f"{r.sym!r}")
-        body += struct.pack("<QQq", r.offset, (sym_index[r.sym] << 32) | r.type, r.addend)
+        body += xen_abi.ELF64_RELA.struct.pack(r.offset, (sym_index[r.sym] << 32) | r.type,
+                                               r.addend)
     return PlannedSection(".rela" + sec.name, SHT_RELA, SHF_INFO_LINK, bytes(body), len(body),
                           symtab_idx, target, 8, xen_abi.ELF64_RELA_SIZE, 8)
 
@@ -456,17 +477,17 @@ def serialise(elf: Elf, planned: list[PlannedSection]) -> bytes:
     headers = bytearray(xen_abi.ELF64_SHDR_SIZE)  # the null section
     for p, name in zip(planned, names, strict=True):
         out += b"\0" * (_align(len(out), max(p.file_align, 1)) - len(out))
-        headers += struct.pack("<IIQQQQIIQQ", name, p.type, p.flags, 0, len(out), p.size,
-                               p.link, p.info, p.addralign, p.entsize)
+        headers += xen_abi.ELF64_SHDR.struct.pack(name, p.type, p.flags, 0, len(out), p.size,
+                                                  p.link, p.info, p.addralign, p.entsize)
         out += p.body
     shoff = _align(len(out), 8)
     out += b"\0" * (shoff - len(out))
     out += headers
     shnum = len(planned) + 1
     ident = b"\x7fELF" + bytes([2, 1, 1, elf.osabi, 0]) + b"\0" * 7
-    struct.pack_into("<16sHHIQQQIHHHHHH", out, 0, ident, ET_REL, xen_abi.ELF_MACHINE_X86_64, 1,
-                     0, 0, shoff, elf.flags, xen_abi.ELF64_EHDR_SIZE, 0, 0,
-                     xen_abi.ELF64_SHDR_SIZE, shnum, shnum - 1)
+    xen_abi.ELF64_EHDR.struct.pack_into(out, 0, ident, ET_REL, xen_abi.ELF_MACHINE_X86_64, 1,
+                                        0, 0, shoff, elf.flags, xen_abi.ELF64_EHDR_SIZE, 0, 0,
+                                        xen_abi.ELF64_SHDR_SIZE, shnum, shnum - 1)
     return bytes(out)
 
 

@@ -13,7 +13,6 @@ xsbuild stays a bug (exit 70) instead of turning into "malformed ELF".
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -22,14 +21,17 @@ from xsbuild.errors import ElfParseError
 
 ELF_MAGIC = b"\x7fELF"
 ELFCLASS64, ELFDATA2LSB = 2, 1
-SHT_NOBITS = 8
-SHF_ALLOC = 0x2
-SHN_LORESERVE = 0xFF00
-# e_type .. e_shstrndx, after the 16-byte e_ident
-_EHDR = struct.Struct("<HHIQQQIHHHHHH")
-_SHDR = struct.Struct("<IIQQQQIIQQ")
-_SYM = struct.Struct("<IBBHQQ")
-_RELA = struct.Struct("<QQq")
+# The gABI numbers every ELF module of xsbuild uses (the object model re-exports them); the
+# structure layouts are xen_abi.ELF64_EHDR, ELF64_SHDR, ELF64_SYM and ELF64_RELA.
+SHT_NULL, SHT_PROGBITS, SHT_SYMTAB, SHT_STRTAB, SHT_RELA = 0, 1, 2, 3, 4
+SHT_NOTE, SHT_NOBITS, SHT_REL, SHT_GROUP = 7, 8, 9, 17
+SHF_WRITE, SHF_ALLOC, SHF_EXECINSTR = 0x1, 0x2, 0x4
+SHF_MERGE, SHF_STRINGS, SHF_INFO_LINK, SHF_GROUP = 0x10, 0x20, 0x40, 0x200
+SHN_UNDEF, SHN_LORESERVE, SHN_ABS, SHN_COMMON, SHN_XINDEX = 0, 0xFF00, 0xFFF1, 0xFFF2, 0xFFFF
+_EHDR = xen_abi.ELF64_EHDR.struct
+_SHDR = xen_abi.ELF64_SHDR.struct
+_SYM = xen_abi.ELF64_SYM.struct
+_RELA = xen_abi.ELF64_RELA.struct
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,7 +65,7 @@ class RawSection:
 
     @property
     def is_alloc(self) -> bool:
-        return bool(self.flags & 0x2)  # SHF_ALLOC
+        return bool(self.flags & SHF_ALLOC)
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,7 +125,7 @@ class RawElf:
         if symtab.entsize != xen_abi.ELF64_SYM_SIZE or symtab.size % xen_abi.ELF64_SYM_SIZE:
             raise ElfParseError(f"{self.label}: bad symbol table entry size")
         if not 0 < symtab.link < len(self.sections) or \
-                self.sections[symtab.link].type != 3:  # SHT_STRTAB
+                self.sections[symtab.link].type != SHT_STRTAB:
             raise ElfParseError(f"{self.label}: symbol table has no string table")
         strings = self.body(self.sections[symtab.link])
         out = []
@@ -179,8 +181,8 @@ def _header(label: str, data: bytes) -> RawHeader:
         raise ElfParseError(f"{label}: truncated ELF header")
     if data[4] != ELFCLASS64 or data[5] != ELFDATA2LSB:
         raise ElfParseError(f"{label}: not a 64-bit little-endian ELF (x86-64 objects only)")
-    (e_type, e_machine, _version, _entry, _phoff, e_shoff, e_flags, _ehsize, _phentsize,
-     _phnum, e_shentsize, e_shnum, e_shstrndx) = _EHDR.unpack_from(data, 16)
+    (_ident, e_type, e_machine, _version, _entry, _phoff, e_shoff, e_flags, _ehsize, _phentsize,
+     _phnum, e_shentsize, e_shnum, e_shstrndx) = _EHDR.unpack_from(data)
     if e_shnum and e_shentsize != _SHDR.size:
         raise ElfParseError(f"{label}: bad section header size {e_shentsize}")
     return RawHeader(data[7], e_type, e_machine, e_flags, e_shoff, e_shnum, e_shstrndx)

@@ -50,11 +50,24 @@ class Layout:
 ELF_MACHINE_X86_64 = 62  # EM_X86_64
 ELF_OSABI_ACCEPTED = frozenset({0, 9})  # SYSV/NONE and FreeBSD; GNU (3) is rejected
 MAX_SECTIONS = 1024  # e_shnum must be below this
-ELF64_EHDR_SIZE = 64
-ELF64_SHDR_SIZE = 64
-ELF64_SYM_SIZE = 24
-ELF64_RELA_SIZE = 24
-ELF64_REL_SIZE = 16
+# The ELF64 structures the loader reads (gABI), declared once: the reader (elfraw), the writer
+# (elf) and the offline loader check (check) all decode and encode through these.
+ELF64_EHDR = Layout("Elf64_Ehdr", ("e_ident", "16s"), ("e_type", "H"), ("e_machine", "H"),
+                    ("e_version", "I"), ("e_entry", "Q"), ("e_phoff", "Q"), ("e_shoff", "Q"),
+                    ("e_flags", "I"), ("e_ehsize", "H"), ("e_phentsize", "H"), ("e_phnum", "H"),
+                    ("e_shentsize", "H"), ("e_shnum", "H"), ("e_shstrndx", "H"))
+ELF64_SHDR = Layout("Elf64_Shdr", ("sh_name", "I"), ("sh_type", "I"), ("sh_flags", "Q"),
+                    ("sh_addr", "Q"), ("sh_offset", "Q"), ("sh_size", "Q"), ("sh_link", "I"),
+                    ("sh_info", "I"), ("sh_addralign", "Q"), ("sh_entsize", "Q"))
+ELF64_SYM = Layout("Elf64_Sym", ("st_name", "I"), ("st_info", "B"), ("st_other", "B"),
+                   ("st_shndx", "H"), ("st_value", "Q"), ("st_size", "Q"))
+ELF64_RELA = Layout("Elf64_Rela", ("r_offset", "Q"), ("r_info", "Q"), ("r_addend", "q"))
+ELF64_EHDR_SIZE = ELF64_EHDR.size
+ELF64_SHDR_SIZE = ELF64_SHDR.size
+ELF64_SYM_SIZE = ELF64_SYM.size
+ELF64_RELA_SIZE = ELF64_RELA.size
+ELF64_REL_SIZE = 16  # Elf64_Rel: xsbuild reads and writes RELA only
+assert (ELF64_EHDR_SIZE, ELF64_SHDR_SIZE, ELF64_SYM_SIZE, ELF64_RELA_SIZE) == (64, 64, 24, 24)
 
 # Size limits (spec §1.9, §1.2)
 LIVEPATCH_MAX_SIZE = 2 * 1024 * 1024  # payload file, and each NOBITS alloc section

@@ -6,11 +6,11 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
-from functools import lru_cache
 
 from xsbuild import xen_abi
 from xsbuild.elf import Section
 from xsbuild.prove.report import Difference, DiffKind
+from xsbuild.relocs import disassembler
 
 MAX_FRAGMENT = 64  # instructions followed in one fragment of unnamed code
 MAX_STRING = 256  # bytes of a string literal compared (up to its NUL)
@@ -168,15 +168,6 @@ def _compare_insns(name: str, a: list[NInsn], b: list[NInsn], kind: DiffKind,
 # Decoding
 
 
-@lru_cache(maxsize=1)
-def _cs():  # type: ignore[no-untyped-def]
-    import capstone
-
-    md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
-    md.detail = True
-    return md
-
-
 @dataclass(frozen=True, slots=True)
 class Field:
     """An address field of one instruction: where it is and what kind it is."""
@@ -193,9 +184,9 @@ def decode(code: bytes, base: int) -> Iterable[tuple[object, list[Field]]]:
     """Capstone instructions with their address fields; an undecodable byte ends decoding."""
     from capstone import x86
 
-    for insn in _cs().disasm(code, base):
+    for insn in disassembler(detail=True).disasm(code, base):
         fields: list[Field] = []
-        is_branch = bool(set(insn.groups) & {1, 2})  # CS_GRP_JUMP, CS_GRP_CALL
+        is_branch = bool(set(insn.groups) & {x86.X86_GRP_JUMP, x86.X86_GRP_CALL})
         lea = insn.mnemonic == "lea"
         for op in insn.operands:
             if op.type == x86.X86_OP_MEM and op.mem.base == x86.X86_REG_RIP:
