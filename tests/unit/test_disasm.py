@@ -13,6 +13,18 @@ from xsbuild.disasm import disassemble_linked, disassemble_relocatable
 from xsbuild.elf import read_elf
 from xsbuild.xensyms import XenSymbols
 
+
+def texts_of(tmp_path: Path, source: str, func: str) -> list[str]:
+    """The disassembly texts of ``func`` in ``source``, assembled by gas."""
+    if shutil.which("as") is None:
+        pytest.skip("binutils' as is not installed")
+    (tmp_path / "t.s").write_text(source)
+    run(["as", "--64", "-o", str(tmp_path / "t.o"), str(tmp_path / "t.s")])
+    elf = read_elf(tmp_path / "t.o")
+    sym = next(s for s in elf.symbols if s.name == func)
+    assert sym.sec is not None
+    return [i.text for i in disassemble_relocatable(sym.sec, sym.value, sym.size)]
+
 ASM = """\
 .text
 .globl f
@@ -28,14 +40,7 @@ f:
 
 
 def test_each_relocated_field_is_named_where_it_shows(tmp_path: Path) -> None:
-    if shutil.which("as") is None:
-        pytest.skip("binutils' as is not installed")
-    (tmp_path / "d.s").write_text(ASM)
-    run(["as", "--64", "-o", str(tmp_path / "d.o"), str(tmp_path / "d.s")])
-    elf = read_elf(tmp_path / "d.o")
-    f = next(s for s in elf.symbols if s.name == "f")
-    assert f.sec is not None
-    texts = [i.text for i in disassemble_relocatable(f.sec, f.value, f.size)]
+    texts = texts_of(tmp_path, ASM, "f")
     assert texts[0] == "mov dword ptr [rip + <var>], <imm_sym>"  # displacement and immediate
     assert texts[1] == "call <helper>"
     assert texts[2] == "lea rdi, [rip + <str>]"
@@ -66,14 +71,7 @@ g:
 
 
 def test_operands_are_named_by_field_position_not_by_text(tmp_path: Path) -> None:
-    if shutil.which("as") is None:
-        pytest.skip("binutils' as is not installed")
-    (tmp_path / "g.s").write_text(CASES)
-    run(["as", "--64", "-o", str(tmp_path / "g.o"), str(tmp_path / "g.s")])
-    elf = read_elf(tmp_path / "g.o")
-    g = next(s for s in elf.symbols if s.name == "g")
-    assert g.sec is not None
-    texts = [i.text for i in disassemble_relocatable(g.sec, g.value, g.size)]
+    texts = texts_of(tmp_path, CASES, "g")
     assert texts == [
         "mov dword ptr [rip], <imm_sym>",  # the immediate relocated, the displacement not
         "mov dword ptr [rip + <var>], 0",  # the displacement relocated, the immediate not
@@ -106,14 +104,7 @@ h:
 def test_a_literal_label_keeps_its_escapes(tmp_path: Path) -> None:
     """The label goes into the text as it is: a backslash or ``\\n`` in a string literal stays
     escaped (regex substitution used to turn them back into the characters)."""
-    if shutil.which("as") is None:
-        pytest.skip("binutils' as is not installed")
-    (tmp_path / "h.s").write_text(STRINGS)
-    run(["as", "--64", "-o", str(tmp_path / "h.o"), str(tmp_path / "h.s")])
-    elf = read_elf(tmp_path / "h.o")
-    h = next(s for s in elf.symbols if s.name == "h")
-    assert h.sec is not None
-    texts = [i.text for i in disassemble_relocatable(h.sec, h.value, h.size)]
+    texts = texts_of(tmp_path, STRINGS, "h")
     assert texts[0] == 'lea rdi, [rip + <.rodata.str1.1+0x0 "a\\\\b\\n">]'
 
 
