@@ -160,7 +160,7 @@ def test_debian_version_without_a_source_package_is_one_line(cli, tmp_path: Path
                                                              ) -> None:
     """Debian trixie's 4.20.4+63 ships binaries whose source package bookworm's apt sources
     (deb-src, as .ci/xen-e2e.sh sets them) cannot fetch: --debian says so before downloading
-    anything, exit 2, and points at --srcdir/--base."""
+    anything, exit 2, and points at --srcdir/--base; the cache gets no entry for it."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     patch = tmp_path / "fix.patch"
     patch.write_text("--- a/xen/common/version.c\n+++ b/xen/common/version.c\n"
@@ -171,6 +171,8 @@ def test_debian_version_without_a_source_package_is_one_line(cli, tmp_path: Path
     assert res.rc == 2 and len(line.splitlines()) == 1, res.err
     assert "xen 4.20.4+63-g7abfd2bce2-0+deb13u1 source package cannot be fetched" in line, line
     assert "--srcdir" in line and not list((tmp_path / "cache").rglob("*.deb"))
+    assert not (tmp_path / "cache" / "xsbuild" / "debian").exists(), \
+        list((tmp_path / "cache").rglob("*"))
 
 
 # ------------------------------------------------------------------------------------------------

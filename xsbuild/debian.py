@@ -254,11 +254,12 @@ def debian_base(version: str, *, jobs: int, progress: Progress) -> DebianBase:
     if not _VERSION_RE.match(version):
         raise UsageError(f"bad Debian version {version!r}")
     folder = version_folder(version)
+    if _source_tree(folder) is None:
+        # Before the cache entry exists: a version apt cannot fetch leaves nothing behind.
+        _check_source_available(version)
     with _locked(folder):
         ref = folder / "ref"
         top = _source_tree(folder)
-        if top is None:
-            _check_source_available(version, folder)
         if not (ref / ".complete").is_file():
             _download_binaries(version, ref, progress)
         if top is None:
@@ -282,10 +283,11 @@ def _run_apt(args: list[str], cwd: Path, what: str) -> None:
     raise UsageError(f"{what} failed: {' '.join(args)}: {last}")
 
 
-def _check_source_available(version: str, cwd: Path) -> None:
+def _check_source_available(version: str) -> None:
     """Refuse at once, in one line, a version whose source package apt cannot fetch (a trixie
-    version on a bookworm machine, say): nothing can be rebuilt without it."""
-    run = subprocess.run(["apt-get", "source", "--print-uris", "-q", f"xen={version}"], cwd=cwd,
+    version on a bookworm machine, say): nothing can be rebuilt without it.  (``--print-uris``
+    downloads and writes nothing.)"""
+    run = subprocess.run(["apt-get", "source", "--print-uris", "-q", f"xen={version}"],
                          capture_output=True, text=True, check=False)
     text = (run.stderr or "").strip()
     if run.returncode == 0 or "deb-src" in text or "source URIs" in text:
