@@ -818,9 +818,9 @@ def _twin_cost(p: _Planned) -> tuple[int, str]:
     return len(p.cmd.deps), p.cmd.obj
 
 
-# Up to this many distinct candidates the smallest cover is found exactly (2^16 subsets at
+# Up to this many distinct candidates the smallest cover is found exactly (2^12 subsets at
 # most, in practice a handful of reason sets); beyond it, greedily.
-_EXACT_COVER_LIMIT = 16
+_EXACT_COVER_LIMIT = 12
 
 
 def _smallest_cover(candidates: list[_Planned]) -> list[_Planned]:
