@@ -3,8 +3,9 @@
 
 A change to a header recompiles every object that includes it.  The least any tool can do is
 compile each of them once, patched; xsbuild compiles the patched versions, then the original
-only of the objects whose bytes changed (proving the replay there), plus two ``-g`` twins for
-the layout check.  Goal: capture at most 1.2x the baseline.
+only of the objects whose bytes changed (proving the replay there), plus ``-g`` twins (at
+``-O0``) of the fewest changed objects that show every touched file's types, for the layout
+check.  Goal: capture at most 1.2x the baseline.
 
 * baseline: the affected objects' own ``.o.cmd`` lines, run once each on a patched copy of the
   tree, ``-j N`` (gcc + the objcopy step; the copy is made before timing starts);

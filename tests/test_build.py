@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -33,6 +34,7 @@ from xsbuild.capture import (
     parse_cmd_file,
     parse_patch_files,
     replay_tree,
+    split_command,
 )
 from xsbuild.errors import EXIT_REPLAY, ReplayError, UsageError
 
@@ -784,6 +786,37 @@ def test_cli_struct_layout_change_refused_naming_the_type(tree: Path, tmp_path: 
     log = (tmp_path / "out.livepatch.log").read_text()
     assert "layout change (allowed): struct shared_counter" in log
     assert "refused" not in log.split("layout: ")[1].split("\n")[0]
+
+
+@pytest.mark.parametrize("cmd", [
+    "gcc -O2 -c common/a.c -o common/.a.o.tmp '-D__OBJECT_LABEL__=common/a.o'",
+    "a 'b c' d'e'f '' x\ty\n z", "-D'X=1' 'a'b'c'", 'say "two words" \\x', "odd 'quote"])
+def test_split_command_is_shlex(cmd: str) -> None:
+    try:
+        want = shlex.split(cmd)
+    except ValueError:
+        with pytest.raises(ValueError):
+            split_command(cmd)
+        return
+    assert split_command(cmd) == want
+
+
+def test_layout_twins_fall_back_to_the_trees_flags(tree: Path, tmp_path: Path) -> None:
+    # The twins compile at -O0; code that needs the optimiser (an "i" asm constraint fed by an
+    # inline function) fails there, so that twin is compiled with the tree's -O2 instead, and
+    # the payload's objects are the same as without twins.
+    new = replace_in(tree, "xen/common/alpha.c",
+                     "int alpha_get(void)\n{\n    return alpha_counter;",
+                     "static inline int four(void)\n{\n    return 4;\n}\n\n"
+                     "int alpha_get(void)\n{\n    asm volatile (\"\" :: \"i\" (four()));\n"
+                     "    return alpha_counter;")
+    patch = make_patch(tree, {"xen/common/alpha.c": new}, tmp_path / "i.patch")
+    result = capture(CaptureRequest(tree, (patch,), tmp_path / "work", debug_info=True))
+    assert result.twin_fallbacks == ["debug-patched common/alpha.o"]
+    [c] = result.changed
+    assert c.debug is not None and all(p.is_file() for p in c.debug)
+    plain = run_capture(tree, tmp_path / "plain", patch)
+    assert [x.patched.read_bytes() for x in plain.changed] == [c.patched.read_bytes()]
 
 
 def test_cli_no_change_exit_3(tree: Path, tmp_path: Path) -> None:

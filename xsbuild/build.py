@@ -297,6 +297,8 @@ def _log_capture(log: BuildLog, c: CaptureResult) -> None:
         log.note(f"{kind}: {obj.obj} (from {', '.join(obj.reasons)})", show=True)
     for obj in c.unchanged:
         log.note(f"unchanged object (identical bytes): {obj}")
+    for twin in c.twin_fallbacks:
+        log.note(f"layout twin {twin}: did not compile at -O0, compiled with the tree's flags")
     for obj in c.not_linked:
         log.note(f"affected but not linked into xen-syms, skipped: {obj}")
     for f in c.ignored_files:

@@ -18,8 +18,9 @@ STEP 4  regenerate the generated files whose inputs the patch touched (compat he
 STEP 5  find the affected objects: a changed source, or a changed header or generated file
         through ``deps_`` (:meth:`TreeIndex.affected`); new ``.c`` files borrow a sibling's flags.
 STEP 6  compile the patched objects; one byte-identical to the tree's is unchanged and done.
-STEP 7  only for the objects whose bytes changed: ``-g`` twins of a few (the layout check),
-        then undo the patches and compile their originals, each of which must equal the tree's
+STEP 7  only for the objects whose bytes changed: ``-g`` twins (at ``-O0``) of the fewest that
+        show every touched file's types (the layout check), then undo the patches and compile
+        the original twins and the originals in one pool, each original to equal the tree's
         object (self-check: the replay is faithful and the tree up to date, else we say which).
 
 Everything here is independent of the differ and linker, so it is tested on its own.
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import os
 import re
 import shlex
@@ -36,7 +38,7 @@ import shutil
 import subprocess
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -197,13 +199,32 @@ class TreeIndex:
         return _retarget(best, new_source)
 
 
+# A shell word made of unquoted characters and single-quoted strings only.
+_PLAIN_WORD_RE = re.compile(r"(?:[^\s'\"\\]+|'[^']*')+")
+
+
+def split_command(cmd: str) -> list[str]:
+    """``shlex.split(cmd)``, fast for what Kbuild writes (unquoted words, ``'-D...'``).
+
+    shlex reads a character at a time: for the few hundred compile lines of a tree it is most
+    of the index's load time, which every build pays.  A line with double quotes or backslashes
+    goes to shlex; without them a word is its unquoted and single-quoted parts, concatenated,
+    and a single-quoted part holds no quote, so dropping every ``'`` unquotes it.
+    """
+    if '"' in cmd or "\\" in cmd:
+        return shlex.split(cmd)
+    if cmd.count("'") % 2:
+        return shlex.split(cmd)  # an unterminated quote: let shlex say so
+    return [w.replace("'", "") for w in _PLAIN_WORD_RE.findall(cmd)]
+
+
 def _objects_from_entries(entries: dict[str, dict[str, str]]) -> dict[str, ObjectCmd]:
     objects: dict[str, ObjectCmd] = {}
     for target, e in entries.items():
         cmd, source = e.get("cmd"), e.get("source")
         if not cmd or not source or not target.endswith(".o") or not source.endswith((".c", ".S")):
             continue
-        argv = tuple(shlex.split(cmd))
+        argv = tuple(split_command(cmd))
         if "-c" not in argv:
             continue
         init = entries.get(target[: -len(".o")] + ".init.o", {}).get("cmd")
@@ -396,23 +417,25 @@ class Shadow:
     first.
     """
 
-    def __init__(self, src_top: Path, dst_top: Path, hyp_rel: str = "xen") -> None:
+    def __init__(self, src_top: Path, dst_top: Path, hyp_rel: str = "xen",
+                 skip: Callable[[str], bool] | None = None) -> None:
         self.src = src_top
         self.dst = dst_top
         dst_top.mkdir(parents=True)
         for entry in sorted(os.listdir(src_top)):
             if entry != hyp_rel:
                 os.symlink(src_top / entry, dst_top / entry)
-        self._farm(src_top / hyp_rel, dst_top / hyp_rel)
+        self._farm(src_top / hyp_rel, dst_top / hyp_rel, skip or (lambda _name: False))
 
     @staticmethod
-    def _farm(src: Path, dst: Path) -> None:
+    def _farm(src: Path, dst: Path, skip: Callable[[str], bool]) -> None:
         for dirpath, dirnames, filenames in os.walk(src):
             rel = os.path.relpath(dirpath, src)
             out = dst / rel if rel != "." else dst
             out.mkdir(exist_ok=True)
             for name in filenames:
-                os.symlink(_mirrored_link(os.path.join(dirpath, name), src, dst), out / name)
+                if not skip(name):
+                    os.symlink(_mirrored_link(os.path.join(dirpath, name), src, dst), out / name)
             for name in list(dirnames):
                 if os.path.islink(os.path.join(dirpath, name)):
                     os.symlink(_mirrored_link(os.path.join(dirpath, name), src, dst), out / name)
@@ -445,6 +468,16 @@ class Shadow:
                 nxt.mkdir()
             cur = nxt
         return cur / parts[-1]
+
+
+def build_record(name: str) -> bool:
+    """True for the files of a built tree no compile line or generator reads: objects and
+    Kbuild's ``.<target>.cmd`` records, a third of a built tree's files.
+
+    A capture's shadow leaves them out: on a slow disk each symlink costs a fraction of a
+    millisecond, and the shadow is on the critical path of every build (gcc reads sources and
+    headers; the generators of :attr:`TreeIndex.generated` read sources, headers and ``.i``)."""
+    return name.endswith(".o") or (name.startswith(".") and name.endswith(".cmd"))
 
 
 def _mirrored_link(path: str, src: Path, dst: Path) -> str:
@@ -594,6 +627,9 @@ class CaptureResult:
     generated_files: list[str] = field(default_factory=list)  # regenerated, content changed
     patched_files: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    # "<phase> <object>": -g twins that did not compile at TWIN_OPTIMISATION and were
+    # compiled with the tree's own flags instead.
+    twin_fallbacks: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -631,13 +667,11 @@ def capture(req: CaptureRequest, index: TreeIndex | None = None,
     (the layout check) can refuse a change early."""
     t0 = time.monotonic()
     result = CaptureResult()
-    xen_dir = req.top / "xen"
-    index = index or TreeIndex.load(xen_dir)
     hyp_prefix = _hypervisor_prefix(req)
     touched = _touched_files(req.patches, hyp_prefix)
     result.patched_files = sorted(t.path for t in touched)
 
-    shadow = Shadow(req.top, req.workdir / "shadow")
+    index, shadow = _index_and_shadow(req, index)
     for t in touched:
         if not t.created:
             if not (req.top / t.path).is_file():
@@ -663,20 +697,23 @@ def capture(req: CaptureRequest, index: TreeIndex | None = None,
     # the bytes differ must the replay be proven faithful, by recompiling the original.
     differing = [p for p in plan if p.new or not _same_as_tree(p, patched, index)]
     result.unchanged.extend(p.cmd.final for p in plan if p not in differing)
-    debug_plan = _debug_plan(differing) if req.debug_info else []
     orig: dict[str, CompiledObject] = {}
     debug: dict[str, tuple[Path, Path]] = {}
     if differing:
         t2 = time.monotonic()
-        patched_g = _compile_phase(debug_plan, req, shadow, index, "debug-patched")
+        twins = _debug_plan(differing) if req.debug_info else []
+        patched_g = _compile_twins(twins, req, shadow, index, result)
         _apply_patches(req.patches, shadow.dst, hyp_prefix, dry_run=False, reverse=True)
         _regenerate_originals(index, regenerated, shadow)
-        orig_g = _compile_phase(debug_plan, req, shadow, index, "debug-orig")
-        debug = {k: (orig_g[k].path, patched_g[k].path) for k in orig_g}
-        if on_debug_pairs is not None and debug:
-            on_debug_pairs(debug)  # may refuse the change before the originals are compiled
-        progress(f"compiling the original of {len(differing)} changed object(s)")
-        orig = _compile_phase(differing, req, shadow, index, "orig")
+        progress(f"compiling the original of {len(differing)} changed object(s)"
+                 + (f" and {len(twins)} -g twin(s)" if twins else ""))
+
+        def twins_done(orig_g: dict[str, CompiledObject]) -> None:
+            debug.update((k, (orig_g[k].path, patched_g[k].path)) for k in orig_g)
+            if on_debug_pairs is not None and debug:
+                on_debug_pairs(debug)  # may refuse the change while the originals compile
+
+        orig = _compile_originals(differing, twins, req, shadow, index, result, twins_done)
         result.timings["compile_orig"] = _since(t2)
         if req.self_check:
             _self_check(differing, orig, index)
@@ -688,25 +725,141 @@ def capture(req: CaptureRequest, index: TreeIndex | None = None,
     return result
 
 
+def _index_and_shadow(req: CaptureRequest, index: TreeIndex | None) -> tuple[TreeIndex, Shadow]:
+    """The tree's index and the capture's shadow, the shadow built while the index is read.
+
+    The shadow is thousands of symlinks (system calls, which release the GIL) and the index
+    parses every ``.cmd`` file (Python): neither needs the other, so a thread overlaps them.
+    """
+    with ThreadPoolExecutor(max_workers=1) as background:
+        shadow = background.submit(Shadow, req.top, req.workdir / "shadow", skip=build_record)
+        index = index or TreeIndex.load(req.top / "xen")
+        return index, shadow.result()
+
+
+def _compile_twins(twins: list[_Planned], req: CaptureRequest, shadow: Shadow,
+                   index: TreeIndex, result: CaptureResult) -> dict[str, CompiledObject]:
+    """The patched ``-g`` twins, in their own pool: they need the patched sources, and which
+    objects they are is known only once the patched objects are compared with the tree's."""
+    with ThreadPoolExecutor(max_workers=max(1, req.jobs)) as pool:
+        done = list(pool.map(lambda p: _compile_twin(p, req, shadow, index, "debug-patched",
+                                                     result), twins))
+    return _succeeded(done, "debug-patched")
+
+
+def _compile_originals(differing: list[_Planned], twins: list[_Planned], req: CaptureRequest,
+                       shadow: Shadow, index: TreeIndex, result: CaptureResult,
+                       twins_done: Callable[[dict[str, CompiledObject]], None],
+                       ) -> dict[str, CompiledObject]:
+    """The originals of the changed objects and the original ``-g`` twins, in one pool: both
+    need the unpatched sources, and one pool keeps every core busy to the end.
+
+    The twins go in first (the pool starts work in order), so they are done while originals
+    still compile: ``twins_done`` (the layout check) runs then, and if it refuses the change
+    the originals not yet started are dropped.  The early refusal costs the pool nothing.
+    """
+    out_dir = req.workdir / "orig"
+    with _placeholders(differing, shadow, "orig"), \
+            ThreadPoolExecutor(max_workers=max(1, req.jobs)) as pool:
+        twin_jobs = [pool.submit(_compile_twin, p, req, shadow, index, "debug-orig", result)
+                     for p in twins]
+        orig_jobs = [pool.submit(compile_object, p.cmd, cwd=shadow.dst / "xen", out_dir=out_dir,
+                                 new_top=shadow.dst, recorded_top=index.recorded_top,
+                                 tree_top=index.top) for p in differing]
+        try:
+            if twin_jobs:
+                twins_done(_succeeded([j.result() for j in twin_jobs], "debug-orig"))
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+        return _succeeded([j.result() for j in orig_jobs], "orig")
+
+
+def _compile_twin(p: _Planned, req: CaptureRequest, shadow: Shadow, index: TreeIndex,
+                  phase: str, result: CaptureResult) -> CompiledObject:
+    """One ``-g`` twin, at ``-O0`` if that compiles, else with the tree's own flags.
+
+    A type's layout is the ABI's, whatever the optimisation (the layouts read from ``-O0`` and
+    ``-O2`` twins of Xen objects are equal), and ``-O0`` compiles in a quarter to two thirds of
+    the time.  Code that needs the optimiser (an ``"i"`` asm constraint fed through an inline
+    function, an ``#error`` without ``__OPTIMIZE__``) fails at ``-O0``: then the tree's flags,
+    which are known to compile.
+    """
+    def one(o: ObjectCmd) -> CompiledObject:
+        return compile_object(o, cwd=shadow.dst / "xen", out_dir=req.workdir / phase,
+                              new_top=shadow.dst, recorded_top=index.recorded_top,
+                              tree_top=index.top)
+
+    cheap = one(_with_debug_info(p.cmd, TWIN_OPTIMISATION))
+    if not cheap.error:
+        return cheap
+    result.twin_fallbacks.append(f"{phase} {p.cmd.final}")  # list.append is thread-safe
+    return one(_with_debug_info(p.cmd))
+
+
 def _debug_plan(differing: list[_Planned]) -> list[_Planned]:
     """The changed objects to compile again with ``-g`` so that every touched file's types
-    show in some DWARF: the object of each touched source, and for each touched header the
-    changed object with the fewest dependencies that includes it.  With
-    ``-fno-eliminate-unused-debug-types`` one includer has all of a header's types, so a
-    header fix reaching 300 objects costs two extra compiles, not 600."""
-    chosen: dict[str, _Planned] = {}
-    for reason in sorted({r for p in differing for r in p.reasons}):
-        users = [p for p in differing if reason in p.reasons and not p.new and not p.cmd.is_asm]
-        if users:
-            best = min(users, key=lambda p: (len(p.cmd.deps), p.cmd.obj))
-            chosen[best.cmd.obj] = best
-    return [_Planned(_with_debug_info(p.cmd), False, p.reasons) for p in chosen.values()]
+    show in some DWARF: the fewest objects such that each touched file ("reason") reaches one
+    of them (a touched source reaches its object, which also includes the touched headers it
+    uses), the cheapest such set (fewest dependencies in all, a stand-in for compile time).
+
+    With ``-fno-eliminate-unused-debug-types`` one includer has all of a header's types, so a
+    header fix reaching 300 objects costs one or two extra compiles, not 600.
+    """
+    by_cover: dict[frozenset[str], _Planned] = {}
+    for p in sorted(differing, key=_twin_cost):
+        if not p.new and not p.cmd.is_asm:
+            by_cover.setdefault(frozenset(p.reasons), p)  # the cheapest of each reason set
+    chosen = _smallest_cover(list(by_cover.values()))
+    return sorted(chosen, key=lambda p: p.cmd.obj)
 
 
-def _with_debug_info(o: ObjectCmd) -> ObjectCmd:
-    at = o.argv.index("-c")
+def _twin_cost(p: _Planned) -> tuple[int, str]:
+    return len(p.cmd.deps), p.cmd.obj
+
+
+# Up to this many distinct candidates the smallest cover is found exactly (2^12 subsets at
+# most, in practice a handful of reason sets); beyond it, greedily.
+_EXACT_COVER_LIMIT = 12
+
+
+def _smallest_cover(candidates: list[_Planned]) -> list[_Planned]:
+    """The fewest candidates whose reasons together are all of theirs; ties: the cheapest."""
+    universe = {r for p in candidates for r in p.reasons}
+    if len(candidates) > _EXACT_COVER_LIMIT:
+        return _greedy_cover(candidates, universe)
+    for size in range(1, len(candidates) + 1):
+        covers = [c for c in itertools.combinations(candidates, size)
+                  if {r for p in c for r in p.reasons} == universe]
+        if covers:
+            return list(min(covers, key=lambda c: sum(len(p.cmd.deps) for p in c)))
+    return []
+
+
+def _greedy_cover(candidates: list[_Planned], universe: set[str]) -> list[_Planned]:
+    """Repeatedly the candidate reaching the most reasons not yet covered, cheapest first."""
+    left, chosen = set(universe), []
+    while left:
+        best = max(candidates, key=lambda p: (len(left & set(p.reasons)), -len(p.cmd.deps)))
+        chosen.append(best)
+        left -= set(best.reasons)
+    return chosen
+
+
+# What the twins are compiled at instead of the tree's -O2/-Os (see _compile_twin).
+TWIN_OPTIMISATION = "-O0"
+_OPTIMISATION_FLAG = re.compile(r"-O([0-3sgz]|fast)?")
+
+
+def _with_debug_info(o: ObjectCmd, optimisation: str | None = None) -> ObjectCmd:
+    """``o``'s compile line with DWARF for every type, and ``optimisation`` instead of the
+    tree's optimisation flags when given (only the twins' lines change, never the objects')."""
+    argv = o.argv
+    if optimisation is not None:
+        argv = tuple(optimisation if _OPTIMISATION_FLAG.fullmatch(a) else a for a in argv)
+    at = argv.index("-c")
     extra = ("-g", "-fno-eliminate-unused-debug-types")
-    return dataclasses.replace(o, argv=o.argv[:at] + extra + o.argv[at:])
+    return dataclasses.replace(o, argv=argv[:at] + extra + argv[at:])
 
 
 def _regenerate(index: TreeIndex, touched: set[str], shadow: Shadow) -> list[str]:
@@ -873,30 +1026,42 @@ def _plan(index: TreeIndex, touched: list[PatchedFile], result: CaptureResult) -
 
 def _compile_phase(plan: list[_Planned], req: CaptureRequest, shadow: Shadow, index: TreeIndex,
                    phase: str) -> dict[str, CompiledObject]:
-    """Compile every planned object in the shadow's current state (before or after patching).
+    """Compile every planned object in the shadow's current state (before or after patching)."""
+    with _placeholders(plan, shadow, phase):
+        done = compile_many([p.cmd for p in plan], cwd=shadow.dst / "xen",
+                            out_dir=req.workdir / phase, jobs=req.jobs, new_top=shadow.dst,
+                            recorded_top=index.recorded_top, tree_top=index.top)
+    return _succeeded(done, phase)
+
+
+@contextlib.contextmanager
+def _placeholders(plan: list[_Planned], shadow: Shadow, phase: str) -> Iterator[None]:
+    """For the originals: an empty file for each source the patch creates, while they compile.
 
     A new source file does not exist before the patch: its "original" is compiled from an empty
     file of the same name, so the differ sees an object with the same FILE symbol and nothing
     in it, and every function of the patched one counts as new.
     """
-    placeholders = []
+    paths = []
     if phase == "orig":
         for p in plan:
             if p.new:
                 path = shadow.dst / "xen" / p.cmd.source
                 path.parent.mkdir(parents=True, exist_ok=True)  # patch -R may remove it
                 path.write_text("")
-                placeholders.append(path)
+                paths.append(path)
     try:
-        done = compile_many([p.cmd for p in plan], cwd=shadow.dst / "xen",
-                            out_dir=req.workdir / phase, jobs=req.jobs, new_top=shadow.dst,
-                            recorded_top=index.recorded_top, tree_top=index.top)
+        yield
     finally:
-        for path in placeholders:
+        for path in paths:
             path.unlink()
+
+
+def _succeeded(done: list[CompiledObject], phase: str) -> dict[str, CompiledObject]:
+    """``done`` by object name; the first failure, if any, is raised."""
     failed = [c for c in done if c.error]
     if failed:
-        what = "the unpatched tree" if phase == "orig" else "the patched tree"
+        what = "the unpatched tree" if phase in ("orig", "debug-orig") else "the patched tree"
         first = failed[0]
         raise UsageError(f"compiling {first.obj} failed in {what} "
                          f"({len(failed)} object(s) failed):\n{first.error}")
