@@ -83,6 +83,7 @@ def main() -> int:
     ap.add_argument("-j", "--jobs", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=2)
     args = ap.parse_args()
+    args.patch = args.patch.resolve()  # patch(1) runs in the tree's copy
     base_times, cand_times = [], []
     for _ in range(args.repeat):
         secs, n = baseline(args.tree, args.patch, args.jobs)

@@ -8,13 +8,16 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
-from xsbuild.build import BuildOptions, build_payload
 from xsbuild.cli import cli
 from xsbuild.cli.common import check_output, parse_build_id_option
 from xsbuild.errors import UsageError, XsbuildError
+
+if TYPE_CHECKING:
+    from xsbuild.build import BuildOptions
 
 
 def _progress(line: str) -> None:
@@ -111,6 +114,8 @@ def build_cmd(srcdir: Path | None, debian_version: str | None, base_archive: Pat
                         name, jobs, prelink, no_self_check, keep_workdir, progress)
         opts = dataclasses.replace(opts, new_statics=new_statics,
                                    allow_layout_changes=allow_layout_changes)
+        from xsbuild.build import build_payload  # loaded by `build` only: start-up of the rest
+
         summary = build_payload(opts, progress)
     except XsbuildError as exc:
         log = _log_path(output)
@@ -178,6 +183,8 @@ def _options(srcdir: Path | None, debian_version: str | None, patches: tuple[Pat
         raise UsageError("--xen-syms is required with --srcdir (the running hypervisor's "
                          "xen-syms, with symbols)")
     assert srcdir is not None
+    from xsbuild.build import BuildOptions
+
     return BuildOptions(srcdir=srcdir, patches=patches, xen_syms=xen_syms, output=output,
                         depends=parse_build_id_option("--depends", depends),
                         xen_depends=parse_build_id_option("--xen-depends", xen_depends),
