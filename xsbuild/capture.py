@@ -758,14 +758,12 @@ def _compile_originals(differing: list[_Planned], twins: list[_Planned], req: Ca
     still compile: ``twins_done`` (the layout check) runs then, and if it refuses the change
     the originals not yet started are dropped.  The early refusal costs the pool nothing.
     """
-    out_dir = req.workdir / "orig"
     with _placeholders(differing, shadow, "orig"), \
             ThreadPoolExecutor(max_workers=max(1, req.jobs)) as pool:
         twin_jobs = [pool.submit(_compile_twin, p, req, shadow, index, "debug-orig", result)
                      for p in twins]
-        orig_jobs = [pool.submit(compile_object, p.cmd, cwd=shadow.dst / "xen", out_dir=out_dir,
-                                 new_top=shadow.dst, recorded_top=index.recorded_top,
-                                 tree_top=index.top) for p in differing]
+        orig_jobs = [pool.submit(_compile_in_shadow, p.cmd, req, shadow, index, "orig")
+                     for p in differing]
         try:
             if twin_jobs:
                 twins_done(_succeeded([j.result() for j in twin_jobs], "debug-orig"))
@@ -785,16 +783,20 @@ def _compile_twin(p: _Planned, req: CaptureRequest, shadow: Shadow, index: TreeI
     function, an ``#error`` without ``__OPTIMIZE__``) fails at ``-O0``: then the tree's flags,
     which are known to compile.
     """
-    def one(o: ObjectCmd) -> CompiledObject:
-        return compile_object(o, cwd=shadow.dst / "xen", out_dir=req.workdir / phase,
-                              new_top=shadow.dst, recorded_top=index.recorded_top,
-                              tree_top=index.top)
-
-    cheap = one(_with_debug_info(p.cmd, TWIN_OPTIMISATION))
+    cheap = _compile_in_shadow(_with_debug_info(p.cmd, TWIN_OPTIMISATION), req, shadow, index,
+                               phase)
     if not cheap.error:
         return cheap
     result.twin_fallbacks.append(f"{phase} {p.cmd.final}")  # list.append is thread-safe
-    return one(_with_debug_info(p.cmd))
+    return _compile_in_shadow(_with_debug_info(p.cmd), req, shadow, index, phase)
+
+
+def _compile_in_shadow(o: ObjectCmd, req: CaptureRequest, shadow: Shadow, index: TreeIndex,
+                       phase: str) -> CompiledObject:
+    """One object compiled in the shadow's current state, into ``<workdir>/<phase>``."""
+    return compile_object(o, cwd=shadow.dst / "xen", out_dir=req.workdir / phase,
+                          new_top=shadow.dst, recorded_top=index.recorded_top,
+                          tree_top=index.top)
 
 
 def _debug_plan(differing: list[_Planned]) -> list[_Planned]:

@@ -41,18 +41,24 @@ def dom0_python() -> Dom0Python:
     return get_dom0_python()
 
 
+def logged_boot(logs: Path, cmds: str | Script, files: Mapping[Path, str] | None = None,
+                **kwargs: object) -> BootResult:
+    """:func:`tests.xen.qemu.boot`, its logs saved in ``logs``; dom0 must finish the commands."""
+    result = boot(cmds, files, **kwargs)  # type: ignore[arg-type]
+    result.save(logs)
+    assert result.booted, f"dom0 did not finish its commands\n{result.describe()}"
+    return result
+
+
 @pytest.fixture
 def xen_boot(qemu_host: None, tmp_path: Path) -> BootFn:
-    """:func:`tests.xen.qemu.boot`, saving each boot's logs under the test's tmp_path."""
+    """:func:`logged_boot`, saving each boot's logs under the test's tmp_path."""
     count = 0
 
     def run(cmds: str | Script, files: Mapping[Path, str] | None = None,
             **kwargs: object) -> BootResult:
         nonlocal count
         count += 1
-        result = boot(cmds, files, **kwargs)  # type: ignore[arg-type]
-        result.save(tmp_path / f"boot-{count}")
-        assert result.booted, f"dom0 did not finish its commands\n{result.describe()}"
-        return result
+        return logged_boot(tmp_path / f"boot-{count}", cmds, files, **kwargs)
 
     return run

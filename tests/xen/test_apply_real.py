@@ -21,9 +21,10 @@ import pytest
 
 from xsbuild.apply import ActionOptions
 
+from .conftest import logged_boot
 from .debian_tree import DebianTree, read_build_id, recompile
 from .dom0py import Dom0Python
-from .qemu import BootResult, Script, boot
+from .qemu import BootResult, Script
 from .test_boot import canary_steps, check_canary
 from .test_extra_version import (
     READ_EXTRA,
@@ -135,10 +136,7 @@ def real_boot(qemu_host: None, debian_tree: DebianTree, dom0_python: Dom0Python,
     script = canary_steps(Script(preamble=dom0_python.env))
     apply_steps(script, dom0_payload)
     geometric_steps(script, dom0_payload)
-    result = boot(script, {**dom0_python.files(), payload: dom0_payload})
-    result.save(folder / "boot")
-    assert result.booted, f"dom0 did not finish its commands\n{result.describe()}"
-    return result
+    return logged_boot(folder / "boot", script, {**dom0_python.files(), payload: dom0_payload})
 
 
 def test_debian_xen_boots(real_boot: BootResult) -> None:

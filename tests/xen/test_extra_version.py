@@ -28,8 +28,9 @@ from elftools.elf.elffile import ELFFile
 
 from xsbuild import xen_abi
 
+from .conftest import logged_boot
 from .debian_tree import DebianTree, compile_like, read_build_id, recompile
-from .qemu import BootResult, Script, boot
+from .qemu import BootResult, Script
 
 pytestmark = pytest.mark.xen
 
@@ -339,10 +340,7 @@ def lifecycle_boot(qemu_host: None, debian_tree: DebianTree,
     (script.step("upload-wrong-xen", f"xen-livepatch upload xsb_wrong_xen {paths[wrong]}")
            .step("list-final", "xen-livepatch list"))
     lifecycle_script(XSBUILD_MADE[0], paths[ours], reapply=False, tag="xv-", script=script)
-    result = boot(script, paths)
-    result.save(folder / "boot")
-    assert result.booted, f"dom0 did not finish its commands\n{result.describe()}"
-    return result
+    return logged_boot(folder / "boot", script, paths)
 
 
 def test_handmade_payload(lifecycle_boot: BootResult) -> None:
